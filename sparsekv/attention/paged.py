@@ -1,0 +1,63 @@
+"""Reading a sequence's keys and values out of the paged pool (PyTorch path)."""
+from __future__ import annotations
+
+import torch
+
+from sparsekv.attention.backend import LayerKV
+
+
+def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of tokens [0, context_len) as [Hkv, context_len, D] tensors.
+
+    Pages that are consecutive in the pool are read as one slice (no copy of the index); the
+    general case gathers pages and flattens them per head.
+    """
+    ps = kv.page_size
+    n = (context_len + ps - 1) // ps
+    ids = block_table[:n]
+    first = int(ids[0])
+    if n == 1 or bool((ids[1:] - ids[:-1] == 1).all()):
+        k, v = kv.k[first:first + n], kv.v[first:first + n]
+    else:
+        k, v = kv.k[ids], kv.v[ids]
+    hkv, d = k.shape[1], k.shape[3]
+    k = k.transpose(0, 1).reshape(hkv, n * ps, d)[:, :context_len]
+    v = v.transpose(0, 1).reshape(hkv, n * ps, d)[:, :context_len]
+    return k, v
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     return_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One query token per head against contiguous keys, GQA without repeating K/V.
+
+    q: [Hq, D]; k, v: [Hkv, L, D] -> [Hq, D]. A manual matmul-softmax: on CPU it runs near the
+    memory bandwidth where SDPA with one query and GQA is several times slower. With
+    return_probs, also the float32 probabilities [Hkv, G, L] (DELTA scores pages from them).
+    """
+    hq, d = q.shape
+    hkv = k.shape[0]
+    qg = q.view(hkv, hq // hkv, d)
+    s = torch.matmul(qg, k.transpose(1, 2)).float() * scale  # [Hkv, G, L]
+    probs = torch.softmax(s, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v).reshape(hq, d)
+    return (out, probs) if return_probs else out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last Lq positions over Lk keys (Lq <= Lk), GQA.
+
+    q: [Lq, Hq, D]; k, v: [Hkv, Lk, D] -> [Lq, Hq, D].
+    """
+    lq, hq, _ = q.shape
+    lk = k.shape[1]
+    qh = q.transpose(0, 1)  # [Hq, Lq, D]
+    gqa = hq != k.shape[0]
+    if lq == lk:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        rows = torch.arange(lk - lq, lk).unsqueeze(1)
+        mask = torch.arange(lk).unsqueeze(0) <= rows
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)

@@ -1,0 +1,120 @@
+"""Paged KV allocation with prefix caching (vLLM v1's rules, nano-vllm's size).
+
+A full page's hash covers its parent page's hash and its tokens, so a hit on page i implies
+pages 0..i-1 match too. Freed pages keep their hash and sit in an LRU queue until reused; a
+lookup that hits such a page revives it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class PagedSequence(Protocol):
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed_tokens: int
+    num_hashed_blocks: int
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default=())
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_queries = 0  # tokens looked up, as vLLM counts them
+        self.prefix_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / len(self.blocks)
+
+    @staticmethod
+    def _hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((parent, tokens))
+
+    def lookup(self, seq: PagedSequence) -> list[int]:
+        """Cached pages of seq's longest cached prefix, never covering its last token (whose
+        logits must be computed)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent = [], None
+        bs = self.block_size
+        for i in range((len(seq.token_ids) - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = self._hash(parent, tokens)
+            bid = self.cached.get(parent)
+            if bid is None or self.blocks[bid].token_ids != tokens:
+                break
+            hits.append(bid)
+        self.prefix_queries += len(seq.token_ids)
+        self.prefix_hits += len(hits) * bs
+        return hits
+
+    def blocks_needed(self, seq: PagedSequence, num_new_tokens: int, num_hits: int = 0) -> int:
+        total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table) - num_hits)
+
+    def allocate(self, seq: PagedSequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
+        """Give seq the pages for its next num_new_tokens (after taking the prefix hits).
+        Returns False, changing nothing, when the pool cannot provide them."""
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        need = self.blocks_needed(seq, num_new_tokens, len(hits))
+        if need + revived > len(self.free):
+            return False
+        for b in hits:
+            block = self.blocks[b]
+            if block.ref_count == 0:
+                del self.free[b]
+            block.ref_count += 1
+        seq.block_table.extend(hits)
+        seq.num_computed_tokens += len(hits) * self.block_size
+        seq.num_hashed_blocks = len(seq.block_table)
+        for _ in range(need):
+            bid, _ = self.free.popitem(last=False)  # least recently freed first
+            block = self.blocks[bid]
+            if block.hash is not None and self.cached.get(block.hash) == bid:
+                del self.cached[block.hash]
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+            seq.block_table.append(bid)
+        return True
+
+    def cache_full_blocks(self, seq: PagedSequence) -> None:
+        """Register seq's pages that became full of computed tokens in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        for i in range(seq.num_hashed_blocks, full):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = self._hash(parent, tokens)
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.token_ids = parent, tokens
+            self.cached.setdefault(parent, block.block_id)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def free_seq(self, seq: PagedSequence) -> None:
+        """Release seq's pages; the tail goes to the queue first, so it is evicted first."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[bid] = None
+        seq.block_table.clear()
+        seq.num_hashed_blocks = 0

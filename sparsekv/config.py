@@ -1,0 +1,116 @@
+"""Configuration: the engine's knobs and the SparsityConfig that selects backends."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import sparsekv.attention  # noqa: F401  (registers the built-in backends)
+from sparsekv.attention.backend import BackendParams, backend_class
+
+DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "default-model")
+
+
+class MethodSpec(BaseModel):
+    """`{"method": name, **params}` for one phase; params are validated by the method's model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str = "dense"
+
+    def params(self, phase: str) -> BackendParams:
+        cls = backend_class(self.method, phase)
+        return cls.Params(**(self.model_extra or {}))
+
+
+class KVSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prune: str = "none"
+    sparsity: float = Field(0.0, ge=0.0, le=1.0)
+    evict: str = "none"
+    budget: int | None = Field(None, ge=1)
+
+
+class FFNSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str = "none"
+    sparsity: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SparsityConfig(BaseModel):
+    """Which sparse methods run where. Below `min_context` keys and in `dense_layers`,
+    attention is dense; a request may override any part of the server's config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefill: MethodSpec = MethodSpec()
+    decode: MethodSpec = MethodSpec()
+    kv: KVSection = KVSection()
+    ffn: FFNSection = FFNSection()
+    dense_layers: tuple[int, ...] = (0, 1)
+    min_context: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "SparsityConfig":
+        self.prefill.params("prefill")
+        self.decode.params("decode")
+        for name, value, known in (("kv.prune", self.kv.prune, ("none",)),
+                                   ("kv.evict", self.kv.evict, ("none",)),
+                                   ("ffn.method", self.ffn.method, ("none",))):
+            if value not in known:
+                raise ValueError(f"{name} {value!r} is not available; known: {', '.join(known)}")
+        return self
+
+    def merged(self, override: dict[str, Any] | None) -> "SparsityConfig":
+        """This config with a partial one (e.g. a request's `sparsity`) laid over it."""
+        if not override:
+            return self
+        base = self.model_dump()
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                if key in ("prefill", "decode") and value.get("method", base[key]["method"]) != base[key]["method"]:
+                    base[key] = dict(value)  # another method: its own defaults, not the old params
+                else:
+                    base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        return SparsityConfig.model_validate(base)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SparsityConfig":
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "dense": {},
+}
+
+
+def preset(name_or_path: str) -> SparsityConfig:
+    """A preset by name (`dense`, `xattention`, ...) or a path to a SparsityConfig JSON."""
+    if name_or_path in PRESETS:
+        return SparsityConfig.model_validate(PRESETS[name_or_path])
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return SparsityConfig.from_file(path)
+    raise ValueError(f"unknown method preset {name_or_path!r}; known: {', '.join(PRESETS)} or a JSON file")
+
+
+class EngineConfig(BaseModel):
+    """Engine arguments, named as vLLM names them."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    block_size: int = Field(16, ge=1)
+    kv_cache_memory: int | None = Field(None, ge=1, description="bytes for the KV pool")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_fraction: float = Field(0.25, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    sparsity: SparsityConfig = SparsityConfig()

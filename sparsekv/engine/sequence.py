@@ -1,0 +1,62 @@
+"""A sequence: one completion of a request, with its tokens, pages and progress."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsekv.config import SparsityConfig
+from sparsekv.engine.outputs import RequestMetrics, SparsityStats
+from sparsekv.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    token_ids: list[int]
+    params: SamplingParams
+    sparsity: SparsityConfig
+    prompt: str | None = None
+    num_prompt_tokens: int = field(init=False)
+    num_computed_tokens: int = 0
+    num_hashed_blocks: int = 0
+    num_cached_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    state: dict = field(default_factory=dict)  # attention backends' per-sequence state
+    stats: SparsityStats = field(default_factory=SparsityStats)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    generator: torch.Generator | None = None
+    text: str = ""  # visible output text (stop strings applied, partial matches held back)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

@@ -76,24 +76,29 @@ def engine_config_from_args(args: argparse.Namespace):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add(sub, table: dict, chosen: str | None) -> None:
+    """Subcommand parsers; only the chosen one imports its module (start-up stays fast)."""
+    for name, (module, help_text) in table.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    words = [a for a in argv if not a.startswith("-")]
     parser = argparse.ArgumentParser(prog="sparsekv", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    _add(sub, SUBCOMMANDS, words[0] if words else None)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    for name, (module, help_text) in BENCH.items():
-        p = bench.add_parser(name, help=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    _add(bench, BENCH, words[1] if words[:1] == ["bench"] and len(words) > 1 else None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

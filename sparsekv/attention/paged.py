@@ -50,14 +50,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     lq, hq, _ = q.shape
     lk = k.shape[1]
-    qh = q.transpose(0, 1)  # [Hq, Lq, D]
-    gqa = hq != k.shape[0]
+    # 4-D inputs: with 3-D ones CPU SDPA falls back to its slow math kernel (measured 4x)
+    qh, k, v = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    gqa = hq != k.shape[1]
     if lq == lk:
         out = torch.nn.functional.scaled_dot_product_attention(
             qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        rows = torch.arange(lk - lq, lk).unsqueeze(1)
-        mask = torch.arange(lk).unsqueeze(0) <= rows
+        rows = torch.arange(lk - lq, lk, device=q.device).unsqueeze(1)
+        mask = torch.arange(lk, device=q.device).unsqueeze(0) <= rows
         out = torch.nn.functional.scaled_dot_product_attention(
             qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

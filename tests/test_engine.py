@@ -143,3 +143,13 @@ def test_max_model_len_finishes_with_length(tiny_llama):
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length"
     assert len(ids) + len(out.outputs[0].token_ids) == 40
+
+
+def test_prefix_cache_is_not_shared_across_sparsity_configs(tiny_llama4):
+    llm = LLM(tiny_llama4, max_model_len=512)
+    prompt = PROMPTS[2]
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+    other = llm.generate([prompt], GREEDY, sparsity={"min_context": 1}, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0

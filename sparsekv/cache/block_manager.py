@@ -1,7 +1,8 @@
 """Paged KV allocation with prefix caching (vLLM v1's rules, nano-vllm's size).
 
 A full page's hash covers its parent page's hash and its tokens, so a hit on page i implies
-pages 0..i-1 match too. Freed pages keep their hash and sit in an LRU queue until reused; a
+pages 0..i-1 match too. The chain starts from the sequence's cache salt: K/V computed under
+another sparsity config differ, so they must not be shared. Freed pages keep their hash and sit in an LRU queue until reused; a
 lookup that hits such a page revives it.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ class PagedSequence(Protocol):
     block_table: list[int]
     num_computed_tokens: int
     num_hashed_blocks: int
+    cache_salt: int
 
 
 @dataclass
@@ -45,7 +47,7 @@ class BlockManager:
         return 1.0 - len(self.free) / len(self.blocks)
 
     @staticmethod
-    def _hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    def _hash(parent: int, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
     def lookup(self, seq: PagedSequence) -> list[int]:
@@ -53,7 +55,7 @@ class BlockManager:
         logits must be computed)."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], None
+        hits, parent = [], seq.cache_salt
         bs = self.block_size
         for i in range((len(seq.token_ids) - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -100,7 +102,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else seq.cache_salt
         for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             parent = self._hash(parent, tokens)

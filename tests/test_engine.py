@@ -153,3 +153,13 @@ def test_prefix_cache_is_not_shared_across_sparsity_configs(tiny_llama4):
     assert again.num_cached_tokens > 0
     other = llm.generate([prompt], GREEDY, sparsity={"min_context": 1}, use_tqdm=False)[0]
     assert other.num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-300), dict(temperature=1e30),
+                                     dict(temperature=1.0, repetition_penalty=5e-324),
+                                     dict(temperature=1.0, top_p=1e-9, min_p=1.0)])
+def test_extreme_sampling_values_never_raise(tiny_llama, extreme):
+    llm = LLM(tiny_llama, max_model_len=128)
+    out = llm.generate(["the cat", "the dog"], SamplingParams(max_tokens=4, ignore_eos=True, seed=0, **extreme),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)

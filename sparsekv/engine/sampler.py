@@ -25,7 +25,7 @@ def sample_one(logits: torch.Tensor, seq: Sequence, default_gen: torch.Generator
     p = seq.params
     if p.greedy:
         return int(torch.argmax(logits))
-    logits = logits / p.temperature
+    logits = torch.nan_to_num(logits / p.temperature, nan=float("-inf"))
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[0])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -36,6 +36,8 @@ def sample_one(logits: torch.Tensor, seq: Sequence, default_gen: torch.Generator
         sorted_p, idx = torch.sort(probs, descending=True)
         drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))  # extreme temperatures or penalties: the limit is greedy
     return int(torch.multinomial(probs, 1, generator=seq.generator or default_gen))
 
 

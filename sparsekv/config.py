@@ -83,6 +83,9 @@ class SparsityConfig(BaseModel):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "dense": {},
+    "delta": {"decode": {"method": "delta"}},
+    "quest": {"decode": {"method": "quest"}},
+    "xattention": {"prefill": {"method": "xattention"}},
 }
 
 

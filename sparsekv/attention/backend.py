@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict
 class LayerKV:
     """One layer's paged KV pool.
 
-    k, v: [num_pages, num_kv_heads, page_size, head_dim] (a page per KV head is contiguous).
+    k, v: indexed as [num_pages, num_kv_heads, page_size, head_dim]. `allocate` stores them
+    head-major ([Hkv, num_pages, ...] underneath, so `k.transpose(0, 1)` is contiguous): a KV
+    head's run of consecutive pages is then one contiguous block, which the CPU paths read in
+    place instead of copying. Code that indexes or passes strides works with either storage.
     kmin, kmax: [num_pages, num_kv_heads, head_dim] element-wise key bounds per page, kept up to
     date on every write (Quest's metadata), or None when the cache does not track them.
     """
@@ -27,6 +30,16 @@ class LayerKV:
     v: torch.Tensor
     kmin: torch.Tensor | None = None
     kmax: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(cls, num_pages: int, num_kv_heads: int, page_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> "LayerKV":
+        shape = (num_kv_heads, num_pages, page_size, head_dim)
+        bshape = (num_pages, num_kv_heads, head_dim)
+        return cls(k=torch.zeros(shape, dtype=dtype, device=device).transpose(0, 1),
+                   v=torch.zeros(shape, dtype=dtype, device=device).transpose(0, 1),
+                   kmin=torch.full(bshape, float("inf"), dtype=dtype, device=device),
+                   kmax=torch.full(bshape, float("-inf"), dtype=dtype, device=device))
 
     @property
     def page_size(self) -> int:

@@ -9,21 +9,20 @@ from sparsekv.attention.backend import LayerKV
 def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of tokens [0, context_len) as [Hkv, context_len, D] tensors.
 
-    Pages that are consecutive in the pool are read as one slice (no copy of the index); the
-    general case gathers pages and flattens them per head.
+    In a head-major pool (LayerKV.allocate) consecutive pages are read in place, without a
+    copy; other block tables cost one gather.
     """
     ps = kv.page_size
     n = (context_len + ps - 1) // ps
     ids = block_table[:n]
     first = int(ids[0])
+    kh, vh = kv.k.transpose(0, 1), kv.v.transpose(0, 1)  # [Hkv, num_pages, ps, D]
     if n == 1 or bool((ids[1:] - ids[:-1] == 1).all()):
-        k, v = kv.k[first:first + n], kv.v[first:first + n]
+        k, v = kh[:, first:first + n], vh[:, first:first + n]
     else:
-        k, v = kv.k[ids], kv.v[ids]
-    hkv, d = k.shape[1], k.shape[3]
-    k = k.transpose(0, 1).reshape(hkv, n * ps, d)[:, :context_len]
-    v = v.transpose(0, 1).reshape(hkv, n * ps, d)[:, :context_len]
-    return k, v
+        k, v = kh[:, ids], vh[:, ids]
+    hkv, d = k.shape[0], k.shape[3]
+    return k.reshape(hkv, n * ps, d)[:, :context_len], v.reshape(hkv, n * ps, d)[:, :context_len]
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

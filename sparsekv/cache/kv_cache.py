@@ -16,17 +16,10 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_pages, num_kv_heads, page_size, head_dim)
-        bshape = (num_pages, num_kv_heads, head_dim)
         self.page_size = page_size
         self.num_pages = num_pages
-        self.layers = [
-            LayerKV(k=torch.zeros(shape, dtype=dtype, device=device),
-                    v=torch.zeros(shape, dtype=dtype, device=device),
-                    kmin=torch.full(bshape, float("inf"), dtype=dtype, device=device),
-                    kmax=torch.full(bshape, float("-inf"), dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        self.layers = [LayerKV.allocate(num_pages, num_kv_heads, page_size, head_dim, dtype, device)
+                       for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,

@@ -1,0 +1,207 @@
+"""XAttention (Xu et al., ICML 2025): block-sparse prefill chosen by strided antidiagonal scores.
+
+Per (query head, query block) the backend keeps the fewest key blocks whose estimated attention
+mass reaches `threshold`, plus the sink block and the diagonal block, then runs attention over
+those blocks only. Decode stays dense (another method's job). The CPU path here really skips
+the unselected blocks; on CUDA the same selection feeds the Triton block-sparse kernel.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from pydantic import field_validator, model_validator
+
+from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, SeqAttn, register
+from sparsekv.attention.paged import gather_kv, prefill_attention
+from sparsekv.attention.streams import run_streams
+from sparsekv.attention.xattention_select import (
+    BlockGeometry, block_scores, causal_blocks, head_thresholds, load_threshold_table, select_blocks)
+
+Threshold = float | str | tuple[tuple[float, ...], ...]
+
+
+class XAttentionParams(BackendParams):
+    block_size: Literal[16, 32, 64, 128] = 128
+    stride: Literal[4, 8, 16] = 8
+    threshold: Threshold = 0.9  # scalar, [layer][head] table, or a JSON file holding the table
+    norm: float = 1.0
+    select_mode: Literal["antidiagonal", "diagonal"] = "antidiagonal"
+    gqa_mode: Literal["per_q_head", "group_max"] = "per_q_head"
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: Threshold) -> Threshold:
+        table = load_threshold_table(v) if isinstance(v, str) else v
+        values = [table] if isinstance(table, float) else [x for row in table for x in row]
+        if not values or min(values) < 0:
+            raise ValueError("xattention threshold must be >= 0 (a number or a [layer][head] table)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_stride(self) -> "XAttentionParams":
+        if self.block_size % self.stride:
+            raise ValueError(f"xattention block_size {self.block_size} is not a multiple of stride {self.stride}")
+        return self
+
+
+@register
+class XAttentionBackend(AttentionBackend):
+    name = "xattention"
+    phases = ("prefill",)
+    Params = XAttentionParams
+
+    def forward(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
+        p = self.params
+        if p.block_size % kv.page_size and kv.page_size % p.block_size:
+            raise ValueError(f"xattention block_size {p.block_size} and KV page size {kv.page_size} "
+                             "must divide one another")
+        taus = head_thresholds(p.threshold, batch.layer, q.shape[1])
+        if q.is_cuda:
+            return _forward_cuda(p, taus, q, kv, batch)
+        out = torch.empty_like(q)
+        for s in batch.seqs:
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            out[rows] = _forward_seq(p, taus, q[rows], kv, s, batch.scale)
+        return out
+
+
+def _select(p: XAttentionParams, taus: torch.Tensor, scores: torch.Tensor, geom: BlockGeometry,
+            group: int) -> torch.Tensor:
+    """Selected blocks per query head [Hq, nqb, nkb]; in group_max mode the union over each GQA group."""
+    sel = select_blocks(scores, taus, geom.first_block)
+    if p.gqa_mode == "group_max":
+        h, nqb, nkb = sel.shape
+        sel = sel.view(h // group, group, nqb, nkb).any(1, keepdim=True).expand(-1, group, -1, -1)
+        sel = sel.reshape(h, nqb, nkb)
+    return sel
+
+
+def attended_pairs(sel: torch.Tensor, geom: BlockGeometry) -> int:
+    """(query, key) pairs computed under a selection [H, nqb, nkb] (diagonal block always in)."""
+    off = sel.sum(-1).cpu() - 1
+    per_block = off * geom.queries_per_block() * geom.block_size + geom.diagonal_pairs()
+    return int(per_block.sum())
+
+
+def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: LayerKV, seq: SeqAttn,
+                 scale: float) -> torch.Tensor:
+    """One sequence on the CPU: score, select, then attend over the selected blocks only."""
+    hq = q.shape[1]
+    k, v = gather_kv(kv, seq.block_table, seq.context_len)
+    geom = BlockGeometry(p.block_size, seq.q_len, seq.context_len)
+    group = hq // k.shape[0]
+    if geom.num_kblocks <= 2 or bool((taus >= 1).all()):
+        sel = None  # every causal block is kept: forced blocks cover it, or the dense shortcut
+    else:
+        bs = p.block_size
+        kp = _pad_to(k, geom.num_kblocks * bs, 0)
+        vp = _pad_to(v, geom.num_kblocks * bs, 0)
+        qp = _pad_to(q.transpose(0, 1), geom.num_qblocks * bs, geom.pad_front)
+        with torch.profiler.record_function("xattention.select"):  # reported by `bench attention`
+            scores = block_scores(qp, kp, geom, p.stride, p.norm, p.select_mode == "antidiagonal")
+            sel = _select(p, taus, scores, geom, group)
+        if int(sel.sum()) == int(causal_blocks(geom, hq).sum()):
+            sel = None  # nothing to skip: compute exactly what dense attention computes
+    if sel is None:
+        seq.attended = seq.causal_pairs * hq
+        return prefill_attention(q, k, v, scale)
+    seq.attended = attended_pairs(sel, geom)
+    out = block_sparse_attention(qp, kp, vp, sel, geom, scale, shared_group=p.gqa_mode == "group_max")
+    return out[:, geom.pad_front:geom.pad_front + seq.q_len].transpose(0, 1)
+
+
+def _pad_to(x: torch.Tensor, length: int, front: int) -> torch.Tensor:
+    """x [H, L, D] placed at row `front` of zeros [H, length, D] (no copy when nothing to pad)."""
+    if front == 0 and x.shape[1] == length:
+        return x.contiguous()
+    out = x.new_zeros(x.shape[0], length, x.shape[2])
+    out[:, front:front + x.shape[1]] = x
+    return out
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
+                           geom: BlockGeometry, scale: float, shared_group: bool = False,
+                           budget: int = 1 << 19) -> torch.Tensor:
+    """Causal attention over selected key blocks only, on contiguous padded tensors.
+
+    q: [Hq, nqb*B, D] on the absolute block grid; k, v: [Hkv, nkb*B, D]; sel: bool [Hq, nqb, nkb]
+    with each diagonal block set. Work units are (query head, query block), or (KV head, query
+    block) with the group's queries stacked when `shared_group` (the group shares one selection).
+    Units with equal block counts run together as one batched matmul + softmax + matmul, so there
+    is no padding, no token mask except the diagonal block's triangle, and each batch stays near
+    `budget` score elements (cache sized).
+    """
+    hq, _, d = q.shape
+    hkv, bs, nqb, nkb = k.shape[0], geom.block_size, geom.num_qblocks, geom.num_kblocks
+    group = hq // hkv
+    qb = q.view(hq, nqb, bs, d)
+    if shared_group:
+        units = qb.view(hkv, group, nqb, bs, d).transpose(1, 2).reshape(hkv * nqb, group * bs, d)
+        usel = sel.view(hkv, group, nqb, nkb)[:, 0].reshape(-1, nkb)
+        unit_kv = torch.arange(hkv).repeat_interleave(nqb)
+    else:
+        units = qb.reshape(hq * nqb, bs, d)
+        usel = sel.reshape(-1, nkb)
+        unit_kv = torch.arange(hq).repeat_interleave(nqb) // group
+    usel = usel.cpu()
+    nunits, rows = units.shape[0], units.shape[1]
+    diag = (geom.first_block + torch.arange(nqb)).repeat(nunits // nqb)
+    # slot 0 is the diagonal block (the only one needing a token mask), then the others ascending
+    rank = torch.where(usel, torch.arange(nkb).view(1, -1), nkb)
+    rank[torch.arange(nunits), diag] = -1
+    counts = usel.sum(-1)
+    order = counts.argsort()  # units sorted by block count: each batch is a slice
+    slots = rank.sort(-1).values[:, :int(counts.max())]
+    slots[:, 0] = diag
+    slots = (slots + (unit_kv * nkb).view(-1, 1))[order]
+    units = units.index_select(0, order).mul_(scale)
+    kflat, vflat = k.reshape(hkv * nkb, bs, d), v.reshape(hkv * nkb, bs, d)
+    future = torch.ones(bs, bs, dtype=torch.bool).triu_(1).repeat(rows // bs, 1)  # in the diagonal slot
+    out = torch.empty_like(units)
+
+    def batch(a: int, b: int, m: int) -> None:
+        idx = slots[a:b, :m].reshape(-1)
+        kb = kflat.index_select(0, idx).view(b - a, m * bs, d)
+        vb = vflat.index_select(0, idx).view(b - a, m * bs, d)
+        # Logits come out of the GEMM rounded to q's dtype. Subtracting a per-row offset inside it
+        # (accumulated in fp32) keeps the large logits that dominate the softmax exact to ~1e-2 in
+        # bf16; the max over the diagonal and sink slots is close to the row max.
+        offset = torch.bmm(units[a:b], kb[:, :2 * bs].transpose(1, 2)).amax(-1, keepdim=True)
+        s = torch.baddbmm(offset, units[a:b], kb.transpose(1, 2), beta=-1)
+        s[:, :, :bs].masked_fill_(future, float("-inf"))
+        torch.bmm(torch.softmax(s, dim=-1), vb, out=out[a:b])  # 16-bit softmax accumulates in fp32
+
+    tasks = []
+    values, sizes = torch.unique_consecutive(counts[order], return_counts=True)
+    start = 0
+    for m, size in zip(values.tolist(), sizes.tolist()):
+        step = max(1, budget // (rows * m * bs))
+        tasks += [partial(batch, a, min(a + step, start + size), m) for a in range(start, start + size, step)]
+        start += size
+    run_streams(tasks[::-1])  # the biggest batches first
+    out = torch.empty_like(out).index_copy_(0, order, out)
+    if shared_group:
+        out = out.view(hkv, nqb, group, bs, d).transpose(1, 2)
+    return out.reshape(hq, nqb * bs, d)
+
+
+def _forward_cuda(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: LayerKV,
+                  batch: AttnBatch) -> torch.Tensor:
+    """Triton: fused scoring kernel, selection in torch on the GPU, block-sparse paged prefill."""
+    from sparsekv.attention.kernels.prefill import BlockLists, paged_prefill
+    from sparsekv.attention.kernels.xattn_score import xattn_block_scores
+
+    hq = q.shape[1]
+    group = hq // kv.k.shape[1]
+    with torch.profiler.record_function("xattention.select"):
+        scores = xattn_block_scores(q, kv, batch, p.block_size, p.stride, p.norm, p.select_mode == "antidiagonal")
+        masks = []
+        for s, sc in zip(batch.seqs, scores):
+            geom = BlockGeometry(p.block_size, s.q_len, s.context_len)
+            sel = _select(p, taus, sc, geom, group)
+            s.attended = attended_pairs(sel, geom)
+            masks.append(sel)
+    return paged_prefill(q, kv, batch, BlockLists.from_masks(masks, p.block_size))
+

@@ -1,0 +1,306 @@
+"""`sparsekv bench attention`: attention-only time of sparse methods against dense attention.
+
+Synthetic queries and keys at Llama-3-8B head shapes (32 query heads, 8 KV heads, head_dim 128)
+with the structure real attention has (a sink, a local band, a few heavy keys every query
+wants) sit in a paged pool and go through the backends as the model calls them. Prefill methods
+run one layer over the whole prompt, against the faster of the dense backend and torch SDPA on
+contiguous tensors. Decode methods run one decode step through `--num-layers` layers in order
+on one shared seq.state (one pool reused for every layer), against the dense backend the same
+way. A backend that wraps its selection in torch.profiler.record_function("<name>.select") gets
+that time reported as scoring_ms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
+BANDWIDTH = 30e9  # bytes/s, this machine's measured read bandwidth (machine-figures.md)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="dense,xattention", help="presets, backend names or SparsityConfig JSONs")
+    p.add_argument("--lengths", default="8192,16384,32768,65536", help="context lengths in tokens")
+    p.add_argument("--output", required=True, help="directory for results.json and attention.png")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
+    p.add_argument("--phase", default="auto", choices=["auto", "prefill", "decode"],
+                   help="auto: each method's own phase")
+    p.add_argument("--num-layers", type=int, default=32, help="layers per decode step")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 unless dense prefill is clearly faster in float32 here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def synthetic_qkv(length: int, seed: int, dtype, device):
+    """q [L, Hq, D], k and v [Hkv, L, D].
+
+    Per KV head, a moving average of noise over the head's band width (64..512 tokens) is shared
+    by its keys and queries, so q_t.k_s falls off linearly with |t - s|; the first 4 keys (the
+    sink) and 16 random keys carry large components along directions all the head's queries share.
+    The band's weight in the queries (1.5 for the narrowest band down to 1.0 for the widest) mixes
+    peaked heads with diffuse ones: at threshold 0.9 XAttention keeps ~10% of blocks at 16K and
+    ~17% at 32K (the paper reports ~20% on RULER).
+    """
+    import torch
+    from torch.nn.functional import normalize
+
+    g = torch.Generator().manual_seed(seed)
+    group = HQ // HKV
+    q = torch.empty(length, HQ, HEAD_DIM, dtype=dtype)
+    k = torch.empty(HKV, length, HEAD_DIM, dtype=dtype)
+    v = torch.randn(HKV, length, HEAD_DIM, generator=g).to(dtype)
+    sink = normalize(torch.randn(HEAD_DIM, generator=g), dim=0)
+    widths, weights = torch.linspace(64, 512, HKV).long().tolist(), torch.linspace(1.5, 1.0, HKV).tolist()
+    for h, (width, weight) in enumerate(zip(widths, weights)):
+        walk = torch.randn(length + width, HEAD_DIM, generator=g).cumsum(0)
+        band = (walk[width:] - walk[:-width]) / math.sqrt(width)
+        heavy = normalize(torch.randn(HEAD_DIM, generator=g), dim=0)
+        kh = band + 0.5 * torch.randn(length, HEAD_DIM, generator=g)
+        kh[:4] += 30 * sink
+        kh[torch.randint(0, length, (16,), generator=g)] += 30 * heavy
+        k[h] = kh
+        for j in range(group):
+            share = weight * (0.5 + 0.4 * float(torch.rand(1, generator=g)))
+            noise = 0.5 * torch.randn(length, HEAD_DIM, generator=g)
+            q[:, h * group + j] = share * band + noise + 4 * sink + 3.5 * heavy
+    return q.to(device), k.to(device), v.to(device)
+
+
+def paged_pool(k, v):
+    """LayerKV with k, v [Hkv, L, D] in consecutive pages, plus the per-page key bounds."""
+    import torch
+
+    from sparsekv.attention.backend import LayerKV
+
+    hkv, length, d = k.shape
+    n = -(-length // PAGE)
+    pad = torch.zeros(hkv, n * PAGE - length, d, dtype=k.dtype, device=k.device)
+    # head-major storage, as the engine's KVCache allocates it (LayerKV.allocate)
+    kp, vp = (torch.cat([x, pad], 1).view(hkv, n, PAGE, d).transpose(0, 1) for x in (k, v))
+    tail = (torch.arange(n * PAGE, device=k.device) >= length).view(n, 1, PAGE, 1)
+    return LayerKV(kp, vp, kp.masked_fill(tail, float("inf")).amin(2), kp.masked_fill(tail, float("-inf")).amax(2))
+
+
+def resolve(name: str):
+    """(backend name, params, phases) for a preset, a backend name or a SparsityConfig JSON."""
+    from sparsekv.attention.backend import backend_class, known_methods
+    from sparsekv.config import PRESETS, preset
+
+    def phases(method: str) -> tuple[str, ...]:
+        return tuple(p for p in ("prefill", "decode") if method in known_methods(p))
+
+    if name not in PRESETS and phases(name):
+        return name, backend_class(name, phases(name)[0]).Params(), phases(name)
+    cfg = preset(name)
+    for phase, spec in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+        if spec.method != "dense":
+            return spec.method, spec.params(phase), phases(spec.method)
+    return "dense", cfg.prefill.params("prefill"), phases("dense")
+
+
+def median_ms(fn, repeats: int, sync) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up; a first call over 2 s
+    needs no warm-up and counts."""
+    def timed() -> float:
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    first = timed()
+    times = [first] if first >= 2.0 else []
+    times += [timed() for _ in range(repeats - len(times))]
+    return 1e3 * statistics.median(times)
+
+
+def select_ms(fn) -> float:
+    """Wall time inside `*.select` profiler ranges during one call of fn()."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.cpu_time_total for e in prof.key_averages() if e.key.endswith(".select")) / 1e3
+
+
+class Case:
+    """One context length's synthetic data, its pool, and the dense baselines (measured once)."""
+
+    def __init__(self, length: int, args, dtype, device):
+        import torch
+
+        self.length, self.args, self.device = length, args, device
+        q, k, v = synthetic_qkv(length + 1, args.seed, dtype, device)  # the last token decodes
+        self.q, self.q_decode = q[:length].contiguous(), q[length:].contiguous()
+        self.k, self.v = k[:, :length].contiguous(), v[:, :length].contiguous()
+        self.kv = paged_pool(k, v)
+        self.table = torch.arange(self.kv.k.shape[0], device=device)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.baselines: dict[str, dict] = {}
+
+    def prefill_call(self, backend):
+        """The whole prompt through one layer."""
+        from sparsekv.attention.backend import AttnBatch, SeqAttn
+
+        seq = SeqAttn(0, self.length, self.length, self.table)
+        return lambda: backend.forward(self.q, self.kv, AttnBatch("prefill", 0, 1, HEAD_DIM ** -0.5, [seq])), seq
+
+    def decode_call(self, backend):
+        """One decode step through all layers on one shared seq.state."""
+        from sparsekv.attention.backend import AttnBatch, SeqAttn
+
+        n = self.args.num_layers
+        seq = SeqAttn(0, 1, self.length + 1, self.table)
+        stats = {"attended": 0}
+
+        def step():
+            stats["attended"] = 0
+            for layer in range(n):
+                backend.forward(self.q_decode, self.kv, AttnBatch("decode", layer, n, HEAD_DIM ** -0.5, [seq]))
+                stats["attended"] += seq.attended
+        return step, seq, stats
+
+    def measure(self, phase: str, backend) -> dict:
+        """median_ms and attended_fraction (+ extras) of one method in one phase."""
+        repeats = self.args.repeats
+        if phase == "prefill":
+            fn, seq = self.prefill_call(backend)
+            ms = median_ms(fn, repeats, self.sync)
+            row = {"median_ms": ms, "attended_fraction": seq.attended / (seq.causal_pairs * HQ)}
+            if backend.name != "dense":
+                row["scoring_ms"] = select_ms(fn)
+            return row
+        fn, seq, stats = self.decode_call(backend)
+        ms = median_ms(fn, repeats, self.sync)
+        frac = stats["attended"] / (seq.causal_pairs * HQ * self.args.num_layers)
+        kv_bytes = frac * 2 * self.kv.k.numel() * self.kv.k.element_size() * self.args.num_layers
+        return {"median_ms": ms, "attended_fraction": frac, "num_layers": self.args.num_layers,
+                "kv_bytes": int(kv_bytes), "bandwidth_limit_ms": 1e3 * kv_bytes / BANDWIDTH}
+
+    def dense(self, phase: str) -> dict:
+        """The dense backend's row, and the baseline `ms`: the faster of it and (prefill) SDPA."""
+        if phase not in self.baselines:
+            from sparsekv.attention.backend import get_backend
+
+            row = self.measure(phase, get_backend("dense", resolve("dense")[1]))
+            extra = {"dense_backend_ms": row["median_ms"]}
+            if phase == "prefill":
+                extra["sdpa_ms"] = self.sdpa_ms()
+            self.baselines[phase] = {"row": row, "ms": min(extra.values()), "extra": extra}
+        return self.baselines[phase]
+
+    def sdpa_ms(self) -> float:
+        """torch SDPA, causal, on contiguous [1, H, L, D] tensors (its fast CPU kernel)."""
+        import torch
+
+        q = self.q.transpose(0, 1).contiguous()[None]
+        return median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, self.k[None], self.v[None], is_causal=True, enable_gqa=True), self.args.repeats, self.sync)
+
+
+def pick_dtype(device):
+    """bfloat16 unless dense causal SDPA at 4K tokens is clearly (10%) faster in float32: at
+    equal speed the 16-bit pool halves memory and bandwidth."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, HQ, 4096, HEAD_DIM, dtype=dtype, device=device)
+        k = torch.randn(1, HKV, 4096, HEAD_DIM, dtype=dtype, device=device)
+        times[dtype] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, k, is_causal=True, enable_gqa=True), 3, sync)
+    best = torch.float32 if times[torch.float32] < 0.9 * times[torch.bfloat16] else torch.bfloat16
+    logger.info("dense SDPA at 4K: %s ms; using %s", {str(d): round(t) for d, t in times.items()}, best)
+    return best, {str(d).removeprefix("torch."): t for d, t in times.items()}
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                      if ln.startswith("model name")), model)
+    return f"cpu: {model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["method"], r["phase"]) for r in rows}):
+        pts = sorted((r["length"], r["speedup"]) for r in rows if (r["method"], r["phase"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} ({key[1]})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("speedup vs dense attention")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from sparsekv.attention.backend import get_backend
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if args.dtype == "auto":
+        dtype, probe = pick_dtype(device)
+    else:
+        dtype, probe = getattr(torch, args.dtype), None
+    jobs = []
+    for name in args.methods.split(","):
+        method, params, phases = resolve(name)
+        for phase in phases if args.phase == "auto" else (args.phase,):
+            if phase not in phases:
+                raise ValueError(f"{name} has no {phase} phase (it has {', '.join(phases)})")
+            jobs.append((name, method, phase, get_backend(method, params)))
+    if args.phase == "auto":  # dense only in the phases the sparse methods are measured in
+        measured = {j[2] for j in jobs if j[1] != "dense"} or {"prefill"}
+        jobs = [j for j in jobs if j[1] != "dense" or j[2] in measured]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+              "dtype_probe_ms": probe, "rows": []}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    with tqdm(total=len(lengths) * len(jobs), desc="bench attention") as bar:
+        for length in lengths:
+            case = Case(length, args, dtype, device)
+            for name, method, phase, backend in jobs:
+                bar.set_postfix_str(f"{name} {phase} {length}")
+                base = case.dense(phase)
+                row = base["row"] if method == "dense" else case.measure(phase, backend)
+                row = {"phase": phase, "length": length, "method": name, **row, "dense_median_ms": base["ms"],
+                       "speedup": base["ms"] / row["median_ms"], **base["extra"]}
+                result["rows"].append(row)
+                (out / "results.json").write_text(json.dumps(result, indent=2))
+                logger.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                bar.update()
+            del case  # free this length's tensors before the next is built
+    plot(result["rows"], out / "attention.png")
+    print(f"{'phase':8} {'length':>7} {'method':12} {'ms':>10} {'dense ms':>10} {'speedup':>8} {'attended':>8}")
+    for r in result["rows"]:
+        print(f"{r['phase']:8} {r['length']:>7} {r['method']:12} {r['median_ms']:>10.1f} "
+              f"{r['dense_median_ms']:>10.1f} {r['speedup']:>8.2f} {r['attended_fraction']:>8.3f}")
+    return 0

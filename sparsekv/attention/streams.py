@@ -22,9 +22,15 @@ def run_streams(tasks: list[Callable[[], None]]) -> None:
             task()
         return
     pool = _POOLS.get(n) or _POOLS.setdefault(n, ThreadPoolExecutor(n, thread_name_prefix="sparsekv-cpu"))
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers must share the caller's
+
+    def in_mode(task: Callable[[], None]) -> None:
+        with torch.inference_mode(inference):
+            task()
+
     torch.set_num_threads(1)  # workers start (and stay) single-threaded
     try:
-        for future in [pool.submit(task) for task in tasks]:
+        for future in [pool.submit(in_mode, task) for task in tasks]:
             future.result()
     finally:
         torch.set_num_threads(n)

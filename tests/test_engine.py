@@ -153,6 +153,11 @@ def test_prefix_cache_is_not_shared_across_sparsity_configs(tiny_llama4):
     assert again.num_cached_tokens > 0
     other = llm.generate([prompt], GREEDY, sparsity={"min_context": 1}, use_tqdm=False)[0]
     assert other.num_cached_tokens == 0
+    sparse_prefill = {"prefill": {"method": "xattention", "block_size": 16, "threshold": 0.5}}
+    assert llm.generate([prompt], GREEDY, sparsity=sparse_prefill, use_tqdm=False)[0].num_cached_tokens == 0
+    # sparse decode leaves the prompt's K/V as dense prefill made them: those pages are shared
+    quest = llm.generate([prompt], GREEDY, sparsity={"decode": {"method": "quest"}}, use_tqdm=False)[0]
+    assert quest.num_cached_tokens == again.num_cached_tokens
 
 
 @pytest.mark.parametrize("extreme", [dict(temperature=1e-300), dict(temperature=1e30),

@@ -1,8 +1,9 @@
 """Paged KV allocation with prefix caching (vLLM v1's rules, nano-vllm's size).
 
 A full page's hash covers its parent page's hash and its tokens, so a hit on page i implies
-pages 0..i-1 match too. The chain starts from the sequence's cache salt: K/V computed under
-another sparsity config differ, so they must not be shared. Freed pages keep their hash and sit in an LRU queue until reused; a
+pages 0..i-1 match too. Only prompt pages are cached, and their chain starts from the
+sequence's cache salt (its prefill-side sparsity): K/V computed under another prefill config,
+or by sparse decode, differ from a dense prefill's and must not be shared. Freed pages keep their hash and sit in an LRU queue until reused; a
 lookup that hits such a page revives it.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 class PagedSequence(Protocol):
     token_ids: list[int]
+    num_prompt_tokens: int
     block_table: list[int]
     num_computed_tokens: int
     num_hashed_blocks: int
@@ -97,11 +99,11 @@ class BlockManager:
         return True
 
     def cache_full_blocks(self, seq: PagedSequence) -> None:
-        """Register seq's pages that became full of computed tokens in the prefix cache."""
+        """Register seq's prompt pages that became full of computed tokens in the prefix cache."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
+        full = min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
         parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else seq.cache_salt
         for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])

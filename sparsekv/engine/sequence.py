@@ -29,7 +29,7 @@ class Sequence:
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0
-    cache_salt: int = field(init=False)  # prefix-cache pages are shared only under equal sparsity
+    cache_salt: int = field(init=False)  # prompt pages are shared only under equal prefill sparsity
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -45,7 +45,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
-        self.cache_salt = hash(self.sparsity.model_dump_json())  # sparse layers change later layers' K/V
+        # prompt pages' K/V depend on how prefill attended (sparse layers change later layers' K/V)
+        self.cache_salt = hash(self.sparsity.model_dump_json(include={"prefill", "kv", "dense_layers", "min_context"}))
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
         if self.params.logprobs is not None:

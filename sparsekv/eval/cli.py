@@ -25,8 +25,7 @@ def _csv(kind: type):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("eval")
-    e.add_argument("--endpoint", default=None, help="OpenAI-compatible server URL instead of the in-process engine "
-                   "(run a sparsekv server with --no-enable-prefix-caching to compare methods)")
+    e.add_argument("--endpoint", default=None, help="OpenAI-compatible server URL instead of the in-process engine")
     e.add_argument("--served-model-name", default=None, help="model name to send (default: the server's first)")
     e.add_argument("--api-key", default=None)
     e.add_argument("--tasks", type=_csv(str), default="niah_single,niah_multikey,vt",
@@ -77,9 +76,9 @@ def _runner(args: argparse.Namespace, samples: list):
         return EndpointRunner(args.endpoint, args.served_model_name, args.concurrency, args.api_key)
     cfg = engine_config_from_args(args)
     need = max(s.length + s.max_tokens for s in samples) + 16
-    # no prefix caching: the cache is keyed by tokens only, so a method would reuse KV (and skip
-    # the prefill) that another method computed for the same prompt
-    cfg = cfg.model_copy(update={"max_model_len": max(cfg.max_model_len or 0, need), "enable_prefix_caching": False})
+    # the prefix cache is keyed by the prefill-side sparsity too: decode-only methods reuse the
+    # dense prefill of the same prompt (identical K/V), prefill methods compute their own
+    cfg = cfg.model_copy(update={"max_model_len": max(cfg.max_model_len or 0, need)})
 
     def make_llm():
         from sparsekv import LLM

@@ -174,8 +174,8 @@ class EndpointRunner:
     """Any OpenAI-compatible server through POST /v1/completions, streamed so that prefill
     (time to the first token) and decode times can be told apart. Sparse methods send their
     SparsityConfig as the extra body field "sparsity" (which sparsekv servers accept); "dense"
-    sends none, so it works against any server. Start a sparsekv server with
-    --no-enable-prefix-caching to compare methods: its prefix cache is keyed by tokens only."""
+    sends none, so it works against any server. A sparsekv server keys its prefix cache by the
+    prefill-side sparsity config, so methods never reuse each other's sparse prefill."""
 
     def __init__(self, url: str, model: str | None = None, concurrency: int = 4, api_key: str | None = None,
                  timeout: float = 3600.0):

@@ -90,7 +90,7 @@ def strided_keys(k: torch.Tensor, stride: int, antidiagonal: bool, scale: float 
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, geom: BlockGeometry, stride: int, norm: float,
-                 antidiagonal: bool = True, chunk_elems: int = 1 << 22) -> torch.Tensor:
+                 antidiagonal: bool = True, chunk_elems: int = 1 << 20) -> torch.Tensor:
     """XAttention block scores of one sequence.
 
     q: [Hq, num_qblocks * B, D], the queries laid out on the absolute block grid (zero padding);
@@ -110,20 +110,24 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, geom: BlockGeometry, stride: 
     row_ok = (pos + stride > geom.q_first) & (pos < geom.context_len)
     out = torch.zeros(hq, nqb, geom.num_kblocks, dtype=torch.float32, device=q.device)
 
-    def chunk(a: int, b: int) -> None:
+    group = hq // hkv
+
+    def chunk(h: int, a: int, b: int) -> None:  # KV head h's query heads, query blocks [a, b)
         kend = (i0 + b) * rows
-        qc = qr[:, :, a * rows:b * rows].reshape(hkv, -1, stride * d)
-        s = torch.bmm(qc, kr[:, :, :kend]).view(hq, (b - a) * rows, kend)
+        qc = qr[h, :, a * rows:b * rows].reshape(-1, stride * d)
+        s = torch.mm(qc, kr[h, :, :kend]).view(group, (b - a) * rows, kend)
         tri = torch.ones((b - a) * rows, (b - a) * rows, dtype=torch.bool, device=q.device).triu_(1)
         s[:, :, (i0 + a) * rows:].masked_fill_(tri, float("-inf"))  # causal in the strided domain
         p = torch.softmax(s, dim=-1, dtype=torch.float32)
         empty = ~row_ok[a * rows:b * rows]
         if bool(empty.any()):  # only in a partial first or last block
             p[:, empty.to(p.device)] = 0.0
-        out[:, a:b, :i0 + b] = p.view(hq, b - a, rows, kend).sum(2).view(hq, b - a, i0 + b, rows).sum(-1)
+        p = p.view(group, b - a, rows, kend).sum(2).view(group, b - a, i0 + b, rows).sum(-1)
+        out[h * group:(h + 1) * group, a:b, :i0 + b] = p
 
-    step = max(1, chunk_elems // (hq * rows * geom.num_kblocks * rows))
-    run_streams([partial(chunk, a, min(nqb, a + step)) for a in reversed(range(0, nqb, step))])  # big first
+    step = max(1, chunk_elems // (group * rows * geom.num_kblocks * rows))
+    starts = reversed(range(0, nqb, step))  # the biggest chunks first
+    run_streams([partial(chunk, h, a, min(nqb, a + step)) for a in starts for h in range(hkv)])
     return out
 
 

@@ -108,18 +108,3 @@ def test_coarser_pages_and_validation():
         backend("quest", budget=96, page_size=24).forward(case.q, case.kv, case.batch(2, case.seqs()))
     with pytest.raises(ValueError, match="3 pages"):
         QuestParams(budget=32)
-
-
-def test_small_work_runs_on_one_thread():
-    from sparsekv.attention.page_select import SMALL_WORK_BYTES, small_work_threads
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with small_work_threads(1 << 20, torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with small_work_threads(SMALL_WORK_BYTES, torch.device("cpu")):
-            assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, register
 from sparsekv.attention.page_select import (decode_pages, num_pages, pad_stack, pool_ratio, select_pages,
-                                            small_work_threads, triton_path)
+                                            triton_path)
 from sparsekv.attention.paged import decode_attention, gather_kv
 
 STATE_KEY = "delta"  # seq.state[STATE_KEY] = (delta layer, context_len, pool-page ids [1 or Hkv, n])
@@ -78,8 +78,7 @@ class DeltaBackend(AttentionBackend):
                 k, v = gather_kv(kv, s.block_table, s.context_len)
                 if s.context_len > p.budget:
                     out[s.q_start], probs = decode_attention(q[s.q_start], k, v, batch.scale, return_probs=True)
-                    with small_work_threads(probs.numel() * probs.element_size(), q.device):
-                        scores.append(self._page_mass(probs, kv.page_size))
+                    scores.append(self._page_mass(probs, kv.page_size))
                 else:
                     out[s.q_start] = decode_attention(q[s.q_start], k, v, batch.scale)
             scores = pad_stack(scores, 0.0) if scores else None

@@ -7,9 +7,6 @@ masked by one rule, `0 <= page and position < context_len`, on both the PyTorch 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from sparsekv.attention.backend import AttnBatch, LayerKV
@@ -19,26 +16,6 @@ from sparsekv.attention.paged import decode_attention, gather_kv
 def triton_path(q: torch.Tensor) -> bool:
     """Triton kernels on CUDA, PyTorch elsewhere (tests force the kernels under the interpreter)."""
     return q.is_cuda
-
-
-SMALL_WORK_BYTES = 256 << 20  # CPU work below this runs on one intra-op thread
-
-
-@contextmanager
-def small_work_threads(work_bytes: int, device: torch.device) -> Iterator[None]:
-    """One intra-op thread for small CPU work. Every parallel op is a fork/join, and on a CPU
-    shared with other jobs a join can wait a whole scheduler slice (about 10 ms per op measured
-    on the 2-core dev machine): far more than a sparse decode's sub-millisecond ops. Large work
-    keeps the configured threads."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or work_bytes >= SMALL_WORK_BYTES:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def pool_ratio(page_size: int, pool_page_size: int) -> int:
@@ -132,11 +109,9 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
     seqs = [batch.seqs[i] for i in sparse]
     lists = pad_stack([pages[i] for i in sparse], -1)
     rows = torch.tensor([s.q_start for s in seqs])
-    selected_bytes = 2 * lists.numel() * kv.page_size * kv.k.shape[3] * kv.k.element_size()
-    with small_work_threads(selected_bytes, q.device):
-        res, attended = attend_pages(q[rows], kv, [s.block_table for s in seqs],
-                                     torch.tensor([s.context_len for s in seqs]), lists, batch.scale)
-        out[rows] = res
+    res, attended = attend_pages(q[rows], kv, [s.block_table for s in seqs],
+                                 torch.tensor([s.context_len for s in seqs]), lists, batch.scale)
+    out[rows] = res
     for s, a in zip(seqs, attended.tolist()):
         s.attended = a
     return out

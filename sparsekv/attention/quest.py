@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, register
 from sparsekv.attention.page_select import (decode_pages, num_pages, pad_stack, pool_ratio, select_pages,
-                                            small_work_threads, triton_path)
+                                            triton_path)
 
 
 class QuestParams(BackendParams):
@@ -56,9 +56,7 @@ class QuestBackend(AttentionBackend):
     Params = QuestParams
 
     def forward(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
-        bounds_bytes = 2 * kv.kmin[0].numel() * kv.kmin.element_size() * sum(
-            num_pages(s.context_len, kv.page_size) for s in batch.seqs if s.context_len > self.params.budget)
-        with small_work_threads(bounds_bytes, q.device), torch.profiler.record_function("quest.select"):
+        with torch.profiler.record_function("quest.select"):
             pages = self.select(q, kv, batch)  # the record_function range is reported by `bench attention`
         return decode_pages(q, kv, batch, pages)
 

@@ -86,8 +86,11 @@ def paged_pool(k, v):
     pad = torch.zeros(hkv, n * PAGE - length, d, dtype=k.dtype, device=k.device)
     # head-major storage, as the engine's KVCache allocates it (LayerKV.allocate)
     kp, vp = (torch.cat([x, pad], 1).view(hkv, n, PAGE, d).transpose(0, 1) for x in (k, v))
-    tail = (torch.arange(n * PAGE, device=k.device) >= length).view(n, 1, PAGE, 1)
-    return LayerKV(kp, vp, kp.masked_fill(tail, float("inf")).amin(2), kp.masked_fill(tail, float("-inf")).amax(2))
+    tail = (torch.arange(n * PAGE, device=k.device) >= length).view(1, n, PAGE, 1)
+    kh = kp.transpose(0, 1)  # [Hkv, n, PAGE, D]; bounds stored head-major like the keys
+    kmin = kh.masked_fill(tail, float("inf")).amin(2).transpose(0, 1)
+    kmax = kh.masked_fill(tail, float("-inf")).amax(2).transpose(0, 1)
+    return LayerKV(kp, vp, kmin, kmax)
 
 
 def resolve(name: str):

@@ -31,6 +31,7 @@ class LayerKV:
     v: torch.Tensor
     kmin: torch.Tensor | None = None
     kmax: torch.Tensor | None = None
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def allocate(cls, num_pages: int, num_kv_heads: int, page_size: int, head_dim: int,
@@ -45,6 +46,14 @@ class LayerKV:
     @property
     def page_size(self) -> int:
         return self.k.shape[2]
+
+    def token_major(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """k, v as [Hkv, num_pages * page_size, D] views of a head-major pool (None otherwise):
+        consecutive pages are then one slice, the cheapest read on the decode hot path."""
+        if self._flat is None and self.k.transpose(0, 1).is_contiguous() and self.v.transpose(0, 1).is_contiguous():
+            hkv, d = self.k.shape[1], self.k.shape[3]
+            self._flat = (self.k.transpose(0, 1).view(hkv, -1, d), self.v.transpose(0, 1).view(hkv, -1, d))
+        return self._flat
 
 
 @dataclass
@@ -63,6 +72,9 @@ class SeqAttn:
     block_table: torch.Tensor  # int64 [num_logical_pages] (at least ceil(context_len / page_size))
     state: dict[Any, Any] = field(default_factory=dict)  # per-sequence backend state, all layers
     attended: int = 0  # filled by the backend: attended (query, key) pairs summed over query heads
+    # physical page of logical page 0 when all pages are consecutive in the pool, -1 when they
+    # are not, None when unknown: the engine works it out once per step, not once per layer
+    first_page: int | None = None
 
     @property
     def causal_pairs(self) -> int:

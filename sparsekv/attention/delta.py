@@ -75,7 +75,7 @@ class DeltaBackend(AttentionBackend):
         else:
             out, scores = torch.empty_like(q), []
             for s in batch.seqs:
-                k, v = gather_kv(kv, s.block_table, s.context_len)
+                k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
                 if s.context_len > p.budget:
                     out[s.q_start], probs = decode_attention(q[s.q_start], k, v, batch.scale, return_probs=True)
                     scores.append(self._page_mass(probs, kv.page_size))

@@ -17,7 +17,7 @@ class DenseBackend(AttentionBackend):
             return _dense_cuda(q, kv, batch)
         out = torch.empty_like(q)
         for s in batch.seqs:
-            k, v = gather_kv(kv, s.block_table, s.context_len)
+            k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.q_len == 1:
                 out[rows] = decode_attention(q[rows][0], k, v, batch.scale).unsqueeze(0)

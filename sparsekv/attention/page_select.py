@@ -100,7 +100,7 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
     hq = q.shape[1]
     for s, p in zip(batch.seqs, pages):
         if p is None:  # the dense backend's code path, on its threads: bit-for-bit the same
-            k, v = gather_kv(kv, s.block_table, s.context_len)
+            k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
             out[s.q_start] = decode_attention(q[s.q_start], k, v, batch.scale)
             s.attended = s.context_len * hq
     sparse = [i for i, p in enumerate(pages) if p is not None]

@@ -6,21 +6,27 @@ import torch
 from sparsekv.attention.backend import LayerKV
 
 
-def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int,
+              first_page: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of tokens [0, context_len) as [Hkv, context_len, D] tensors.
 
     In a head-major pool (LayerKV.allocate) consecutive pages are read in place, without a
-    copy; other block tables cost one gather.
+    copy; other block tables cost one gather. `first_page` (SeqAttn.first_page) spares the check.
     """
     ps = kv.page_size
     n = (context_len + ps - 1) // ps
-    ids = block_table[:n]
-    first = int(ids[0])
+    if first_page is None:
+        ids = block_table[:n]
+        first_page = int(ids[0]) if n == 1 or bool((ids[1:] - ids[:-1] == 1).all()) else -1
+    flat = kv.token_major()
+    if first_page >= 0 and flat is not None:
+        start = first_page * ps
+        return flat[0][:, start:start + context_len], flat[1][:, start:start + context_len]
     kh, vh = kv.k.transpose(0, 1), kv.v.transpose(0, 1)  # [Hkv, num_pages, ps, D]
-    if n == 1 or bool((ids[1:] - ids[:-1] == 1).all()):
-        k, v = kh[:, first:first + n], vh[:, first:first + n]
+    if first_page >= 0:
+        k, v = kh[:, first_page:first_page + n], vh[:, first_page:first_page + n]
     else:
-        k, v = kh[:, ids], vh[:, ids]
+        k, v = kh[:, block_table[:n]], vh[:, block_table[:n]]
     hkv, d = k.shape[0], k.shape[3]
     return k.reshape(hkv, n * ps, d)[:, :context_len], v.reshape(hkv, n * ps, d)[:, :context_len]
 

@@ -33,6 +33,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def consecutive_from(pages: list[int]) -> int:
+    """The first page when the pages run consecutively through the pool, else -1."""
+    return pages[0] if pages[-1] - pages[0] == len(pages) - 1 and pages == list(range(pages[0], pages[-1] + 1)) else -1
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int):
         self.device = resolve_device(config.device)
@@ -85,6 +90,7 @@ class ModelRunner:
             seqs.append(SeqContext(
                 q_start=len(ids) - n, q_len=n, context_len=start + n,
                 block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
+                first_page=consecutive_from(seq.block_table[:-(-(start + n) // ps)]),
                 phase=phase, routes=self.routes(seq.sparsity, phase, start + n), state=seq.state,
                 stats=seq.stats))
             last.append(len(ids) - 1)

@@ -102,6 +102,7 @@ class SeqContext:
     q_len: int
     context_len: int
     block_table: torch.Tensor
+    first_page: int  # see SeqAttn.first_page
     phase: str
     routes: list[tuple[str, BackendParams]]  # backend per layer
     state: dict
@@ -155,7 +156,8 @@ class Attention(nn.Module):
             attn, start = [], 0
             for s in members:
                 attn.append(SeqAttn(q_start=s.q_start if whole else start, q_len=s.q_len,
-                                    context_len=s.context_len, block_table=s.block_table, state=s.state))
+                                    context_len=s.context_len, block_table=s.block_table, state=s.state,
+                                    first_page=s.first_page))
                 start += s.q_len
             batch = AttnBatch(phase=phase, layer=self.layer, num_layers=self.num_layers, scale=self.scale, seqs=attn)
             backend = get_backend(name, params)

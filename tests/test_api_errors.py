@@ -135,7 +135,7 @@ def test_full_waiting_queue_is_429(tiny_llama):
 
 
 def test_graceful_shutdown(tiny_llama):
-    with thread_server(tiny_llama, shutdown_timeout=0.1) as (url, server, engine):
+    with thread_server(tiny_llama, shutdown_timeout=0.02) as (url, server, engine):  # << 480 steps
         body = {"prompt": "the cat", "max_tokens": 480, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()

@@ -72,9 +72,9 @@ class SeqAttn:
     block_table: torch.Tensor  # int64 [num_logical_pages] (at least ceil(context_len / page_size))
     state: dict[Any, Any] = field(default_factory=dict)  # per-sequence backend state, all layers
     attended: int = 0  # filled by the backend: attended (query, key) pairs summed over query heads
-    # physical page of logical page 0 when all pages are consecutive in the pool, -1 when they
-    # are not, None when unknown: the engine works it out once per step, not once per layer
-    first_page: int | None = None
+    # (first physical page, pages) of each run of consecutive pool pages, in logical order, or
+    # None when unknown: the engine works it out once per step, not once per layer
+    page_runs: tuple[tuple[int, int], ...] | None = None
 
     @property
     def causal_pairs(self) -> int:

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, register
 from sparsekv.attention.page_select import (decode_pages, num_pages, pad_stack, pool_ratio, select_pages,
                                             triton_path)
-from sparsekv.attention.paged import decode_attention, gather_kv
+from sparsekv.attention.paged import decode_segments, kv_segments
 
 STATE_KEY = "delta"  # seq.state[STATE_KEY] = (delta layer, context_len, pool-page ids [1 or Hkv, n])
 
@@ -75,12 +75,12 @@ class DeltaBackend(AttentionBackend):
         else:
             out, scores = torch.empty_like(q), []
             for s in batch.seqs:
-                k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
+                segs = kv_segments(kv, s.block_table, s.context_len, s.page_runs)
                 if s.context_len > p.budget:
-                    out[s.q_start], probs = decode_attention(q[s.q_start], k, v, batch.scale, return_probs=True)
+                    out[s.q_start], probs = decode_segments(q[s.q_start], segs, batch.scale, return_probs=True)
                     scores.append(self._page_mass(probs, kv.page_size))
                 else:
-                    out[s.q_start] = decode_attention(q[s.q_start], k, v, batch.scale)
+                    out[s.q_start] = decode_segments(q[s.q_start], segs, batch.scale)
             scores = pad_stack(scores, 0.0) if scores else None
         for s in batch.seqs:
             s.attended = s.context_len * q.shape[1]

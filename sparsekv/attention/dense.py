@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from sparsekv.attention.backend import AttentionBackend, AttnBatch, LayerKV, register
-from sparsekv.attention.paged import decode_attention, gather_kv, prefill_attention
+from sparsekv.attention.paged import decode_segments, gather_kv, kv_segments, prefill_attention
 
 
 @register
@@ -17,11 +17,12 @@ class DenseBackend(AttentionBackend):
             return _dense_cuda(q, kv, batch)
         out = torch.empty_like(q)
         for s in batch.seqs:
-            k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
             rows = slice(s.q_start, s.q_start + s.q_len)
-            if s.q_len == 1:
-                out[rows] = decode_attention(q[rows][0], k, v, batch.scale).unsqueeze(0)
+            if batch.phase == "decode":
+                segs = kv_segments(kv, s.block_table, s.context_len, s.page_runs)
+                out[rows] = decode_segments(q[rows][0], segs, batch.scale).unsqueeze(0)
             else:
+                k, v = gather_kv(kv, s.block_table, s.context_len, s.page_runs)
                 out[rows] = prefill_attention(q[rows], k, v, batch.scale)
             s.attended = s.causal_pairs * q.shape[1]
         return out

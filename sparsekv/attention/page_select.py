@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sparsekv.attention.backend import AttnBatch, LayerKV
-from sparsekv.attention.paged import decode_attention, gather_kv
+from sparsekv.attention.paged import decode_segments, kv_segments
 
 
 def triton_path(q: torch.Tensor) -> bool:
@@ -100,8 +100,8 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
     hq = q.shape[1]
     for s, p in zip(batch.seqs, pages):
         if p is None:  # the dense backend's code path, on its threads: bit-for-bit the same
-            k, v = gather_kv(kv, s.block_table, s.context_len, s.first_page)
-            out[s.q_start] = decode_attention(q[s.q_start], k, v, batch.scale)
+            segs = kv_segments(kv, s.block_table, s.context_len, s.page_runs)
+            out[s.q_start] = decode_segments(q[s.q_start], segs, batch.scale)
             s.attended = s.context_len * hq
     sparse = [i for i, p in enumerate(pages) if p is not None]
     if not sparse:

@@ -6,29 +6,64 @@ import torch
 from sparsekv.attention.backend import LayerKV
 
 
+def page_runs(pages: list[int]) -> tuple[tuple[int, int], ...]:
+    """(first page, length) of each run of consecutive pages, in order."""
+    runs, start, n = [], pages[0], 1
+    for p in pages[1:]:
+        if p == start + n:
+            n += 1
+        else:
+            runs.append((start, n))
+            start, n = p, 1
+    runs.append((start, n))
+    return tuple(runs)
+
+
 def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int,
-              first_page: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              runs: tuple[tuple[int, int], ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of tokens [0, context_len) as [Hkv, context_len, D] tensors.
 
     In a head-major pool (LayerKV.allocate) consecutive pages are read in place, without a
-    copy; other block tables cost one gather. `first_page` (SeqAttn.first_page) spares the check.
+    copy; other block tables cost one gather. `runs` (SeqAttn.page_runs) spares the check.
     """
+    n = (context_len + kv.page_size - 1) // kv.page_size
+    runs = runs or page_runs(block_table[:n].tolist())
+    return kv_segments(kv, block_table, context_len, runs, min_run=1 if len(runs) == 1 else n + 1)[0]
+
+
+def kv_segments(kv: LayerKV, block_table: torch.Tensor, context_len: int,
+                runs: tuple[tuple[int, int], ...] | None = None,
+                min_run: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Tokens [0, context_len) as [Hkv, L_i, D] (k, v) segments in logical order: runs of at
+    least `min_run` consecutive pages are read in place from a head-major pool, the pages in
+    between are gathered together. Decode over the segments reads each long run once, with no
+    copy, where one gather would copy the whole context every layer."""
     ps = kv.page_size
     n = (context_len + ps - 1) // ps
-    if first_page is None:
-        ids = block_table[:n]
-        first_page = int(ids[0]) if n == 1 or bool((ids[1:] - ids[:-1] == 1).all()) else -1
+    if runs is None:
+        runs = page_runs(block_table[:n].tolist())
     flat = kv.token_major()
-    if first_page >= 0 and flat is not None:
-        start = first_page * ps
-        return flat[0][:, start:start + context_len], flat[1][:, start:start + context_len]
+    segs: list[tuple[torch.Tensor, torch.Tensor]] = []
     kh, vh = kv.k.transpose(0, 1), kv.v.transpose(0, 1)  # [Hkv, num_pages, ps, D]
-    if first_page >= 0:
-        k, v = kh[:, first_page:first_page + n], vh[:, first_page:first_page + n]
-    else:
-        k, v = kh[:, block_table[:n]], vh[:, block_table[:n]]
-    hkv, d = k.shape[0], k.shape[3]
-    return k.reshape(hkv, n * ps, d)[:, :context_len], v.reshape(hkv, n * ps, d)[:, :context_len]
+    hkv, d = kh.shape[0], kh.shape[3]
+    pending, logical = 0, 0  # pending: logical pages not yet in a segment
+
+    def gather(lo: int, hi: int) -> None:
+        end = min(hi * ps, context_len) - lo * ps
+        ids = block_table[lo:hi]
+        segs.append((kh[:, ids].reshape(hkv, -1, d)[:, :end], vh[:, ids].reshape(hkv, -1, d)[:, :end]))
+
+    for first, count in runs:
+        if flat is not None and count >= min_run:
+            if logical > pending:
+                gather(pending, logical)
+            start, end = first * ps, first * ps + min(count * ps, context_len - logical * ps)
+            segs.append((flat[0][:, start:end], flat[1][:, start:end]))
+            pending = logical + count
+        logical += count
+    if logical > pending:
+        gather(pending, logical)
+    return segs
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -45,6 +80,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     s = torch.matmul(qg, k.transpose(1, 2)).float() * scale  # [Hkv, G, L]
     probs = torch.softmax(s, dim=-1)
     out = torch.matmul(probs.to(v.dtype), v).reshape(hq, d)
+    return (out, probs) if return_probs else out
+
+
+def decode_segments(q: torch.Tensor, segs: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
+                    return_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """decode_attention over keys split in segments (kv_segments): one softmax over all."""
+    if len(segs) == 1:
+        return decode_attention(q, *segs[0], scale, return_probs)
+    hq, d = q.shape
+    hkv = segs[0][0].shape[0]
+    qg = q.view(hkv, hq // hkv, d)
+    s = torch.cat([torch.matmul(qg, k.transpose(1, 2)) for k, _ in segs], dim=-1).float() * scale
+    probs = torch.softmax(s, dim=-1)
+    p = probs.to(segs[0][1].dtype)
+    out, at = None, 0
+    for _, v in segs:
+        part = torch.matmul(p[..., at:at + v.shape[1]], v)
+        out = part if out is None else out + part
+        at += v.shape[1]
+    out = out.reshape(hq, d)
     return (out, probs) if return_probs else out
 
 

@@ -89,7 +89,7 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: L
                  scale: float) -> torch.Tensor:
     """One sequence on the CPU: score, select, then attend over the selected blocks only."""
     hq = q.shape[1]
-    k, v = gather_kv(kv, seq.block_table, seq.context_len, seq.first_page)
+    k, v = gather_kv(kv, seq.block_table, seq.context_len, seq.page_runs)
     geom = BlockGeometry(p.block_size, seq.q_len, seq.context_len)
     group = hq // k.shape[0]
     if geom.num_kblocks <= 2 or bool((taus >= 1).all()):

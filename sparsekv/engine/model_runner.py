@@ -6,6 +6,7 @@ import logging
 import torch
 
 from sparsekv.attention.backend import BackendParams
+from sparsekv.attention.paged import page_runs
 from sparsekv.cache.kv_cache import KVCache
 from sparsekv.config import EngineConfig, SparsityConfig
 from sparsekv.engine.loader import load_model
@@ -31,11 +32,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and name == "float16":
         raise ValueError("float16 is unusably slow on CPU; use float32 or bfloat16")
     return DTYPES[name]
-
-
-def consecutive_from(pages: list[int]) -> int:
-    """The first page when the pages run consecutively through the pool, else -1."""
-    return pages[0] if pages[-1] - pages[0] == len(pages) - 1 and pages == list(range(pages[0], pages[-1] + 1)) else -1
 
 
 class ModelRunner:
@@ -90,7 +86,7 @@ class ModelRunner:
             seqs.append(SeqContext(
                 q_start=len(ids) - n, q_len=n, context_len=start + n,
                 block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
-                first_page=consecutive_from(seq.block_table[:-(-(start + n) // ps)]),
+                page_runs=page_runs(seq.block_table[:-(-(start + n) // ps)]),
                 phase=phase, routes=self.routes(seq.sparsity, phase, start + n), state=seq.state,
                 stats=seq.stats))
             last.append(len(ids) - 1)

@@ -102,7 +102,7 @@ class SeqContext:
     q_len: int
     context_len: int
     block_table: torch.Tensor
-    first_page: int  # see SeqAttn.first_page
+    page_runs: tuple[tuple[int, int], ...]  # see SeqAttn.page_runs
     phase: str
     routes: list[tuple[str, BackendParams]]  # backend per layer
     state: dict
@@ -157,7 +157,7 @@ class Attention(nn.Module):
             for s in members:
                 attn.append(SeqAttn(q_start=s.q_start if whole else start, q_len=s.q_len,
                                     context_len=s.context_len, block_table=s.block_table, state=s.state,
-                                    first_page=s.first_page))
+                                    page_runs=s.page_runs))
                 start += s.q_len
             batch = AttnBatch(phase=phase, layer=self.layer, num_layers=self.num_layers, scale=self.scale, seqs=attn)
             backend = get_backend(name, params)

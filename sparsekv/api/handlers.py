@@ -19,6 +19,7 @@ from sparsekv.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionRe
                                    DetokenizeRequest, SamplingRequest, TokenizeRequest, Usage)
 from sparsekv.engine.async_engine import AsyncEngine, RequestGroup
 from sparsekv.engine.outputs import CompletionOutput, RequestOutput, SparsityStats
+from sparsekv.engine.prompts import encode_prompt, render_chat
 
 MIN_LOGPROB = -9999.0  # what OpenAI reports for impossible tokens (JSON has no -inf)
 
@@ -37,21 +38,15 @@ class Serving:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, list):
-            return prompt
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)  # as LLMEngine does
+        return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(
-                [m.as_template_input() for m in messages], tokenize=False,
-                add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
-        except Exception as e:  # jinja errors, template `raise_exception`, clashing kwargs
-            raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
-        return self.encode(text, add_special_tokens=False)  # the template wrote the special tokens
+            return render_chat(self.tokenizer, [m.as_template_input() for m in messages],
+                               add_generation_prompt, template_kwargs)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from e
 
     def _max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
         """The request's max_tokens (None: the rest of the context, as vLLM), checked to fit."""

@@ -3,8 +3,8 @@
 A full page's hash covers its parent page's hash and its tokens, so a hit on page i implies
 pages 0..i-1 match too. Only prompt pages are cached, and their chain starts from the
 sequence's cache salt (its prefill-side sparsity): K/V computed under another prefill config,
-or by sparse decode, differ from a dense prefill's and must not be shared. Freed pages keep their hash and sit in an LRU queue until reused; a
-lookup that hits such a page revives it.
+or by sparse decode, differ from a dense prefill's and must not be shared. Freed pages keep
+their hash and sit in an LRU queue until reused; a lookup that hits such a page revives it.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from sparsekv.config import DEFAULT_MODEL, EngineConfig, SparsityConfig
 from sparsekv.engine.llm_engine import LLMEngine
 from sparsekv.engine.outputs import RequestOutput
+from sparsekv.engine.prompts import render_chat
 from sparsekv.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -52,7 +53,4 @@ class LLM:
         return self.generate(prompts, sampling_params, sparsity, use_tqdm)
 
     def render_chat(self, messages: Messages) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(self.tokenizer, messages)

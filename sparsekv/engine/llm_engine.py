@@ -15,6 +15,7 @@ from sparsekv.engine.detokenizer import update_text
 from sparsekv.engine.loader import load_eos_ids, load_tokenizer, read_config
 from sparsekv.engine.model_runner import ModelRunner
 from sparsekv.engine.outputs import CompletionOutput, RequestOutput, SparsityStats
+from sparsekv.engine.prompts import encode_prompt
 from sparsekv.engine.sampler import sample
 from sparsekv.engine.sampling_params import SamplingParams
 from sparsekv.engine.scheduler import Scheduler
@@ -51,17 +52,12 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
 
     # -- requests -------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return list(prompt)
-
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     sparsity: SparsityConfig | dict[str, Any] | None = None) -> None:
         """Queue a request; raises ValueError (and queues nothing) for invalid input."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self.tokenize(prompt)
+        ids = encode_prompt(self.tokenizer, prompt)
         limit = self.config.max_model_len
         if not ids:
             raise ValueError("the prompt is empty")

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import sparsekv.attention  # noqa: F401  (registers the built-in backends)
-from sparsekv.attention.backend import BackendParams, backend_class
+from sparsekv.attention.backend import BackendParams, params_class
 
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "default-model")
 
@@ -20,8 +20,7 @@ class MethodSpec(BaseModel):
     method: str = "dense"
 
     def params(self, phase: str) -> BackendParams:
-        cls = backend_class(self.method, phase)
-        return cls.Params(**(self.model_extra or {}))
+        return params_class(self.method, phase)(**(self.model_extra or {}))
 
 
 class KVSection(BaseModel):

@@ -6,25 +6,32 @@ import json
 
 import pytest
 import torch
-from decode_cases import backend, dense_out, keys, make_case, plant_heavy_key
+from decode_cases import attended, backend, dense_out, keys, make_case, plant_heavy_key
 
 from sparsekv import calibrate
-from sparsekv.attention.delta import STATE_KEY, DeltaParams, default_delta_layers
+from sparsekv.attention.delta import DeltaParams, default_delta_layers
 from sparsekv.attention.page_select import attend_pages
 from sparsekv.config import SparsityConfig
 
 LAYERS = (2, 5)
 
 
-def run_layers(be, case, layers, states=None):
-    """Drive forward layer by layer like the model does, one seq.state per sequence."""
-    states = states if states is not None else [{} for _ in case.lens]
-    outs, attended = {}, {}
+def run_layers(be, case, layers, plan=None, only=None):
+    """Drive forward layer by layer like the model does within one step (one plan)."""
+    plan = plan or case.plan(be, only)
+    outs, pairs = {}, {}
     for layer in layers:
-        seqs = case.seqs(states)
-        outs[layer] = be.forward(case.q, case.kv, case.batch(layer, seqs))
-        attended[layer] = [s.attended for s in seqs]
-    return outs, attended, states
+        before = attended(plan)
+        outs[layer], _ = case.run(be, layer, plan, only)
+        pairs[layer] = [a - b for a, b in zip(attended(plan), before)]
+    return outs, pairs, plan
+
+
+def selection(plan, i):
+    """The pages the step's Δ-layer chose for request i (None: within the budget)."""
+    if plan.selection is None or i not in plan.active:
+        return None
+    return plan.selection[1][plan.active.index(i)]
 
 
 def reference_selection(case, seq, budget_pages, recent, per_group):
@@ -67,53 +74,52 @@ def test_selection_matches_reference(per_group):
     case = make_case([700, 1000, 60], seed=1)
     be = backend("delta", delta_layers=LAYERS, budget=128, recent_pages=2,
                  head_reduce="group" if per_group else "all")
-    outs, _, states = run_layers(be, case, [2])
+    outs, _, plan = run_layers(be, case, [2])
     assert torch.equal(outs[2], dense_out(case))  # the Δ-layer itself is dense
-    assert STATE_KEY not in states[2]  # 60 tokens: within the budget
+    assert selection(plan, 2) is None  # 60 tokens: within the budget
+    assert plan.selection[0] == 2
     for i in (0, 1):
-        layer, ctx, pages = states[i][STATE_KEY]
-        assert (layer, ctx) == (2, case.lens[i])
-        assert torch.equal(pages, reference_selection(case, i, 8, 2, per_group))
+        assert torch.equal(selection(plan, i), reference_selection(case, i, 8, 2, per_group))
 
 
 def test_sparse_layers_use_latest_delta_layer():
     case = make_case([700, 1000, 60], seed=2)
     be = backend("delta", delta_layers=(3, 5), budget=128, recent_pages=2)
-    states = [{} for _ in case.lens]
+    plan = case.plan(be)
     dense = dense_out(case)
     for layer in range(2, 8):
-        seqs = case.seqs(states)
-        out = be.forward(case.q, case.kv, case.batch(layer, seqs))
+        before = attended(plan)
+        out, _ = case.run(be, layer, plan)
         if layer in (2, 3, 5):  # below the first Δ-layer, and the Δ-layers: dense
             assert torch.equal(out, dense)
             if layer in (3, 5):
-                chosen = [states[i][STATE_KEY][2] for i in (0, 1)]
+                chosen = [selection(plan, i) for i in (0, 1)]
             continue
-        assert torch.equal(out[2], dense[2])  # within the budget
-        ref, attended = attend_pages(case.q[:2], case.kv, case.tables[:2], torch.tensor(case.lens[:2]),
+        torch.testing.assert_close(out[2], dense[2], rtol=1e-6, atol=1e-6)  # within the budget
+        ref, pairs = attend_pages(case.q[:2], case.kv, case.tables[:2], torch.tensor(case.lens[:2]),
                                      torch.stack([c.expand(2, -1) for c in chosen]), case.scale)
         torch.testing.assert_close(out[:2], ref, rtol=0, atol=0)
-        assert [s.attended for s in seqs[:2]] == attended.tolist()
-        assert all(a <= 128 * 4 for a in attended.tolist())
+        assert [a - b for a, b in zip(attended(plan), before)][:2] == pairs.tolist()
+        assert all(a <= 128 * 4 for a in pairs.tolist())
 
 
 @pytest.mark.parametrize("pos", [0, 9, 250, 480, 690])
 def test_heavy_key_page_is_selected(pos):
     case = make_case([700], seed=pos)
     plant_heavy_key(case, 0, pos, head=0)
-    _, _, states = run_layers(backend("delta", delta_layers=LAYERS, budget=64, recent_pages=1), case, [2])
-    assert pos // 16 in states[0][STATE_KEY][2][0].tolist()
+    _, _, plan = run_layers(backend("delta", delta_layers=LAYERS, budget=64, recent_pages=1), case, [2])
+    assert pos // 16 in selection(plan, 0)[0].tolist()
 
 
-def test_missing_or_stale_selection_falls_back_to_dense():
+def test_selection_lives_one_step_only():
+    """A selection belongs to the step's plan: the next step (a new plan) starts dense again."""
     case = make_case([700, 400], seed=3)
     be = backend("delta", delta_layers=LAYERS, budget=128, recent_pages=2)
-    _, _, states = run_layers(be, case, [2])
-    states[0].clear()  # preempted: the engine cleared its state
-    states[1][STATE_KEY] = (2, case.lens[1] - 1, states[1][STATE_KEY][2])  # from the previous step
-    outs, attended, _ = run_layers(be, case, [3], states)
+    _, _, plan = run_layers(be, case, [2])
+    assert plan.selection is not None
+    outs, pairs, _ = run_layers(be, case, [3])  # a fresh plan: no Δ-layer has run in it
     assert torch.equal(outs[3], dense_out(case))
-    assert attended[3] == [n * 4 for n in case.lens]
+    assert pairs[3] == [n * 4 for n in case.lens]
 
 
 def test_batched_groups_equal_one_by_one():
@@ -124,24 +130,18 @@ def test_batched_groups_equal_one_by_one():
                                      head_reduce="group")}
     for members, be in groups.items():
         members = list(members)
-        states = [{} for _ in members]
-        together = {}
-        for layer in range(2, 7):
-            seqs = case.seqs(states, only=members)
-            together[layer] = be.forward(case.q[members], case.kv, case.batch(layer, seqs))
+        together, _, _ = run_layers(be, case, range(2, 7), only=members)
         for j, i in enumerate(members):
-            alone_state = [{}]
+            alone, _, _ = run_layers(be, case, range(2, 7), only=[i])
             for layer in range(2, 7):
-                seqs = case.seqs(alone_state, only=[i])
-                out = be.forward(case.q[i:i + 1], case.kv, case.batch(layer, seqs))
-                torch.testing.assert_close(out[0], together[layer][j], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(alone[layer][0], together[layer][j], rtol=1e-6, atol=1e-6)
 
 
 def test_coarser_selection_pages():
     case = make_case([900], seed=5)
     be = backend("delta", delta_layers=LAYERS, budget=128, page_size=32, recent_pages=1)
-    _, _, states = run_layers(be, case, [2])
-    pages = states[0][STATE_KEY][2]
+    _, _, plan = run_layers(be, case, [2])
+    pages = selection(plan, 0)
     assert pages.shape == (1, 8) and pages[0, -2:].tolist() == [56, -1]  # 57 pool pages
     with pytest.raises(ValueError, match="multiple"):
         run_layers(backend("delta", delta_layers=LAYERS, budget=120, page_size=24, recent_pages=1), case, [2])

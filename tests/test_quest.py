@@ -3,56 +3,55 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_cases import backend, dense_out, keys, make_case, plant_heavy_key
+from decode_cases import attended, backend, dense_out, keys, make_case, plant_heavy_key, write
 
 from sparsekv.attention.page_select import attend_pages
 from sparsekv.attention.quest import QuestParams, page_bounds
-from sparsekv.cache.kv_cache import KVCache
+from sparsekv.cache.kv_cache import PAGE_BOUNDS, KVCache
 
 
 def test_full_budget_is_dense_bit_for_bit():
     case = make_case([37, 300, 700])
-    seqs = case.seqs()
-    out = backend("quest", budget=1024).forward(case.q, case.kv, case.batch(2, seqs))
+    out, plan = case.run(backend("quest", budget=1024), layer=2)
     assert torch.equal(out, dense_out(case))
-    assert [s.attended for s in seqs] == [n * 4 for n in case.lens]
+    assert attended(plan) == [n * 4 for n in case.lens]
 
 
 def test_sparse_attends_budget_with_last_page():
     case = make_case([40, 700, 1000])
     be = backend("quest", budget=128)
-    seqs = case.seqs()
-    pages = be.select(case.q, case.kv, case.batch(2, seqs))
+    pages = be.select(case.q, case.kv, case.plan(be))
     assert pages[0] is None  # within the budget: dense
     for i in (1, 2):
         last = (case.lens[i] - 1) // 16
         assert pages[i].shape == (2, 8)
         for head in pages[i]:
             assert head.tolist() == sorted(set(head.tolist())) and head[-1] == last
-    out = be.forward(case.q, case.kv, case.batch(2, seqs))
-    assert torch.equal(out[0], dense_out(case)[0])
+    out, plan = case.run(be, layer=2)
+    torch.testing.assert_close(out[0], dense_out(case)[0], rtol=1e-6, atol=1e-6)
     last_fill = [n - (n - 1) // 16 * 16 for n in case.lens]
-    assert [s.attended for s in seqs] == [160, (112 + last_fill[1]) * 4, (112 + last_fill[2]) * 4]
+    assert attended(plan) == [160, (112 + last_fill[1]) * 4, (112 + last_fill[2]) * 4]
 
 
 @pytest.mark.parametrize("pos", [0, 5, 170, 333, 511, 640, 690])
 def test_heavy_key_page_is_selected(pos):
     case = make_case([700], seed=pos)
     plant_heavy_key(case, 0, pos, head=1)
-    pages = backend("quest", budget=64).select(case.q, case.kv, case.batch(2, case.seqs()))[0]
+    be = backend("quest", budget=64)
+    pages = be.select(case.q, case.kv, case.plan(be))[0]
     assert pos // 16 in pages[1].tolist()
 
 
 def test_bounds_follow_writes_token_by_token():
     torch.manual_seed(0)
     ps, hkv, d = 4, 2, 8
-    cache = KVCache(1, 6, ps, hkv, d, torch.float32, torch.device("cpu"))
+    cache = KVCache(1, 6, ps, hkv, d, torch.float32, torch.device("cpu"), (PAGE_BOUNDS,))
     table = torch.tensor([4, 1, 5])
     ks = torch.randn(11, hkv, d)
     for n in range(1, 12):
         pos = n - 1
         slot = table[pos // ps] * ps + pos % ps
-        cache.write(0, ks[pos:pos + 1], torch.randn(1, hkv, d), slot.view(1))
+        write(cache, ks[pos:pos + 1], torch.randn(1, hkv, d), slot.view(1))
         for page in range((n + ps - 1) // ps):
             written = ks[page * ps:min(n, (page + 1) * ps)]
             assert torch.equal(cache.layers[0].kmin[table[page]], written.amin(0))
@@ -73,20 +72,19 @@ def test_upper_bound_holds(seed):
 def test_batched_equals_one_by_one():
     case = make_case([100, 600, 1500, 40, 333], seed=3)
     be = backend("quest", budget=96)
-    seqs = case.seqs()
-    together = be.forward(case.q, case.kv, case.batch(3, seqs))
+    together, plan = case.run(be, layer=3)
     for i in range(len(case.lens)):
-        alone = case.seqs(only=[i])
-        out = be.forward(case.q[i:i + 1], case.kv, case.batch(3, alone))
+        out, alone = case.run(be, layer=3, only=[i])
         torch.testing.assert_close(out[0], together[i], rtol=1e-6, atol=1e-6)
-        assert alone[0].attended == seqs[i].attended
+        assert attended(alone) == [attended(plan)[i]]
 
 
 def test_attention_reads_only_selected_pages():
     case = make_case([500], seed=4)
-    pages = backend("quest", budget=64).select(case.q, case.kv, case.batch(2, case.seqs()))[0]
-    out, attended = attend_pages(case.q, case.kv, case.tables, torch.tensor(case.lens), pages.unsqueeze(0),
-                                 case.scale)
+    be = backend("quest", budget=64)
+    pages = be.select(case.q, case.kv, case.plan(be))[0]
+    out, pairs = attend_pages(case.q, case.kv, case.tables, torch.tensor(case.lens), pages.unsqueeze(0),
+                              case.scale)
     k = keys(case, 0)
     ref = []
     for h in range(2):
@@ -95,16 +93,17 @@ def test_attention_reads_only_selected_pages():
         v = case.kv.v[case.tables[0][idx // 16], h, idx % 16]
         ref.append(torch.softmax(qh @ k[h, idx].T * case.scale, -1) @ v)
     torch.testing.assert_close(out[0], torch.cat(ref), rtol=1e-5, atol=1e-6)
-    assert attended.item() == sum(len(pages[h]) * 16 - (16 - 500 % 16) for h in range(2)) * 2
+    assert pairs.item() == sum(len(pages[h]) * 16 - (16 - 500 % 16) for h in range(2)) * 2
 
 
 def test_coarser_pages_and_validation():
     case = make_case([900], seed=5)
-    pages = backend("quest", budget=96, page_size=32).select(case.q, case.kv, case.batch(2, case.seqs()))[0]
+    be = backend("quest", budget=96, page_size=32)
+    pages = be.select(case.q, case.kv, case.plan(be))[0]
     pairs = pages.view(2, 3, 2)  # 900 tokens = 57 pool pages: the last 32-token page is pool page 56 alone
     assert (pairs[..., 0] % 2 == 0).all() and (pairs[:, -1] == torch.tensor([56, -1])).all()
     assert (pairs[:, :-1, 1] == pairs[:, :-1, 0] + 1).all()
     with pytest.raises(ValueError, match="multiple"):
-        backend("quest", budget=96, page_size=24).forward(case.q, case.kv, case.batch(2, case.seqs()))
+        case.run(backend("quest", budget=96, page_size=24), layer=2)
     with pytest.raises(ValueError, match="3 pages"):
         QuestParams(budget=32)

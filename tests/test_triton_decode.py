@@ -11,9 +11,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from decode_cases import backend, dense_out, keys, make_case  # noqa: E402
+from decode_cases import attended, backend, dense_out, keys, make_case  # noqa: E402
 
-from sparsekv.attention import delta, page_select, quest  # noqa: E402
 from sparsekv.attention.kernels.decode import paged_decode  # noqa: E402
 from sparsekv.attention.kernels.page_score import delta_page_scores, quest_page_scores  # noqa: E402
 from sparsekv.attention.page_select import attend_pages  # noqa: E402
@@ -22,24 +21,12 @@ from sparsekv.attention.quest import page_bounds  # noqa: E402
 LENS = [300, 40, 177, 16]
 
 
-@pytest.fixture
-def force_triton(monkeypatch):
-    """Send the backends down their CUDA branch on CPU tensors (the interpreter runs them)."""
-    for module in (page_select, delta, quest):
-        monkeypatch.setattr(module, "triton_path", lambda q: True)
-
-
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (6, 3, 24), (2, 2, 32)])
 def test_dense_decode_matches_pytorch(hq, hkv, d):
     case = make_case(LENS, hq=hq, hkv=hkv, d=d)
-    seqs = case.seqs()
-    order = [2, 0, 3, 1]  # query rows in another order than the sequences
-    for row, s in zip(order, seqs):
-        s.q_start = row
-    q = torch.empty_like(case.q)
-    q[order] = case.q
-    out, lse = paged_decode(q, case.kv, case.batch(0, seqs), return_lse=True)
-    torch.testing.assert_close(out[order], dense_out(case), rtol=1e-5, atol=1e-5)
+    group = case.plan(backend("dense")).group
+    out, lse = paged_decode(case.q, case.kv, group, case.scale, return_lse=True)
+    torch.testing.assert_close(out, dense_out(case), rtol=1e-5, atol=1e-5)
     for i in range(len(LENS)):
         k = keys(case, i)
         logits = case.q[i].view(hkv, -1, d) @ k.transpose(1, 2) * case.scale
@@ -55,7 +42,7 @@ def test_page_lists_match_pytorch():
         for h in range(2):
             chosen = torch.randperm(pages, generator=g)[:min(pages, 7)].sort().values
             lists[i, h, :len(chosen)] = chosen
-    out = paged_decode(case.q, case.kv, case.batch(0, case.seqs()), page_lists=lists)
+    out = paged_decode(case.q, case.kv, case.plan(backend("dense")).group, case.scale, page_lists=lists)
     ref, _ = attend_pages(case.q, case.kv, case.tables, torch.tensor(LENS), lists, case.scale)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -63,7 +50,7 @@ def test_page_lists_match_pytorch():
 def test_shared_page_list_expanded_over_heads():
     case = make_case([500], seed=2)
     lists = torch.tensor([[0, 3, 4, 9, 20, 31]]).expand(2, -1).unsqueeze(0)  # stride 0 over heads
-    out = paged_decode(case.q, case.kv, case.batch(0, case.seqs()), page_lists=lists)
+    out = paged_decode(case.q, case.kv, case.plan(backend("dense")).group, case.scale, page_lists=lists)
     ref, _ = attend_pages(case.q, case.kv, case.tables, torch.tensor([500]), lists, case.scale)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -71,13 +58,13 @@ def test_shared_page_list_expanded_over_heads():
 def test_bf16_inputs_are_upcast_before_dot():
     """Regression: the interpreter's tl.dot on bf16 gives garbage; the kernels upcast first."""
     case = make_case([200, 90], dtype=torch.bfloat16, seed=3)
-    out = paged_decode(case.q, case.kv, case.batch(0, case.seqs()))
+    out = paged_decode(case.q, case.kv, case.plan(backend("dense")).group, case.scale)
     torch.testing.assert_close(out.float(), dense_out(case).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_quest_scores_match_pytorch():
     case = make_case(LENS, hq=8, hkv=2, seed=4)
-    scores = quest_page_scores(case.q, case.kv, case.batch(0, case.seqs()))
+    scores = quest_page_scores(case.q, case.kv, case.plan(backend("quest")).group)
     for i, n in enumerate(LENS):
         ids = case.tables[i]
         ref = page_bounds(case.q[i], case.kv.kmin[ids], case.kv.kmax[ids])
@@ -88,9 +75,9 @@ def test_quest_scores_match_pytorch():
 @pytest.mark.parametrize("per_group", [False, True])
 def test_delta_scores_match_pytorch(per_group):
     case = make_case(LENS, seed=5)
-    batch = case.batch(0, case.seqs())
-    _, lse = paged_decode(case.q, case.kv, batch, return_lse=True)
-    scores = delta_page_scores(case.q, case.kv, batch, lse, per_group)
+    group = case.plan(backend("dense")).group
+    _, lse = paged_decode(case.q, case.kv, group, case.scale, return_lse=True)
+    scores = delta_page_scores(case.q, case.kv, group, case.scale, lse, per_group)
     be = backend("delta", head_reduce="group" if per_group else "all")
     for i, n in enumerate(LENS):
         k = keys(case, i)
@@ -100,29 +87,29 @@ def test_delta_scores_match_pytorch(per_group):
         assert (scores[i, :, ref.shape[1]:] == 0).all()
 
 
-def test_backends_through_triton_match_pytorch(monkeypatch):
+def test_backends_through_triton_match_pytorch():
+    """Each method's CUDA implementation (Triton, interpreted on CPU tensors) against its CPU one."""
     case = make_case([300, 40, 177, 520], seed=6)
     runs = {}
-    for mode in ("torch", "triton"):
-        if mode == "triton":
-            for module in (page_select, delta, quest):
-                monkeypatch.setattr(module, "triton_path", lambda q: True)
+    for device in ("cpu", "cuda"):
         for name, params in (("quest", dict(budget=64)),
                              ("delta", dict(delta_layers=(2, 4), budget=64, recent_pages=1)),
                              ("delta", dict(delta_layers=(2,), budget=96, page_size=32, recent_pages=1,
                                             head_reduce="group"))):
-            states = [{} for _ in case.lens]
+            be = backend(name, device, **params)
+            plan = case.plan(be)
             for layer in range(2, 6):
-                seqs = case.seqs(states)
-                out = backend(name, **params).forward(case.q, case.kv, case.batch(layer, seqs))
-                runs.setdefault((name, str(params), layer), []).append((out, [s.attended for s in seqs]))
+                before = attended(plan)
+                out, _ = case.run(be, layer, plan)
+                pairs = [a - b for a, b in zip(attended(plan), before)]
+                runs.setdefault((name, str(params), layer), []).append((out, pairs))
     for key, ((a, att_a), (b, att_b)) in runs.items():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=str(key))
         assert att_a == att_b, key
 
 
-def test_full_budget_triton_is_dense(force_triton):
+def test_full_budget_triton_is_dense():
     case = make_case(LENS, seed=7)
     for name in ("quest", "delta"):
-        out = backend(name, budget=1024).forward(case.q, case.kv, case.batch(3, case.seqs()))
+        out, _ = case.run(backend(name, "cuda", budget=1024), layer=3)
         torch.testing.assert_close(out, dense_out(case), rtol=1e-5, atol=1e-5)

@@ -14,8 +14,10 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from sparsekv.attention.backend import AttnBatch, LayerKV, SeqAttn  # noqa: E402
+from prefill_cases import Seq, prefill_group, run_prefill  # noqa: E402
+
 from sparsekv.attention.paged import gather_kv  # noqa: E402
+from sparsekv.cache.kv_cache import LayerKV  # noqa: E402
 from sparsekv.attention.xattention_select import BlockGeometry, block_scores  # noqa: E402
 
 
@@ -31,6 +33,7 @@ def _interpreted_kernels():
 prefill, xscore = _interpreted_kernels()
 
 HQ, HKV, D, PAGE, BLOCK = 4, 2, 16, 8, 16
+SCALE = 1 / math.sqrt(D)
 
 
 def _setup(dtype=torch.float32):
@@ -39,15 +42,15 @@ def _setup(dtype=torch.float32):
     kv = LayerKV(torch.randn(40, HKV, PAGE, D, generator=g).to(dtype),
                  torch.randn(40, HKV, PAGE, D, generator=g).to(dtype))
     perm = torch.randperm(40, generator=g)
-    seqs = [SeqAttn(0, 50, 100, perm[:13]), SeqAttn(50, 30, 61, perm[13:21])]
+    seqs = [Seq(0, 50, 100, perm[:13]), Seq(50, 30, 61, perm[13:21])]
     q = torch.randn(80, HQ, D, generator=g).to(dtype)
-    return q, kv, AttnBatch("prefill", 0, 1, 1 / math.sqrt(D), seqs)
+    return q, kv, seqs
 
 
-def _reference(q, kv, batch, masks=None):
+def _reference(q, kv, seqs, masks=None):
     """Dense attention with an explicit token mask: causal, and inside the selected blocks."""
     out = torch.empty_like(q, dtype=torch.float32)
-    for i, s in enumerate(batch.seqs):
+    for i, s in enumerate(seqs):
         k, v = (x.float().repeat_interleave(HQ // HKV, 0) for x in gather_kv(kv, s.block_table, s.context_len))
         qs = q[s.q_start:s.q_start + s.q_len].float().transpose(0, 1)
         pos = torch.arange(s.context_len - s.q_len, s.context_len)
@@ -56,15 +59,15 @@ def _reference(q, kv, batch, masks=None):
         if masks is not None:
             qb = pos // BLOCK - (s.context_len - s.q_len) // BLOCK
             allowed = allowed & masks[i][:, qb][:, :, keys // BLOCK]
-        logits = (qs @ k.transpose(1, 2) * batch.scale).masked_fill(~allowed, float("-inf"))
+        logits = (qs @ k.transpose(1, 2) * SCALE).masked_fill(~allowed, float("-inf"))
         out[s.q_start:s.q_start + s.q_len] = (logits.softmax(-1) @ v).transpose(0, 1)
     return out
 
 
-def _random_masks(batch, p=0.4):
+def _random_masks(seqs, p=0.4):
     g = torch.Generator().manual_seed(1)
     masks = []
-    for s in batch.seqs:
+    for s in seqs:
         geom = BlockGeometry(BLOCK, s.q_len, s.context_len)
         m = torch.rand(HQ, geom.num_qblocks, geom.num_kblocks, generator=g) < p
         qb = geom.first_block + torch.arange(geom.num_qblocks).view(-1, 1)
@@ -74,30 +77,30 @@ def _random_masks(batch, p=0.4):
 
 
 def test_dense_prefill_matches_reference():
-    q, kv, batch = _setup()
-    out = prefill.paged_prefill(q, kv, batch)
-    torch.testing.assert_close(out, _reference(q, kv, batch), atol=1e-5, rtol=1e-5)
+    q, kv, seqs = _setup()
+    out = prefill.paged_prefill(q, kv, prefill_group(seqs, PAGE), SCALE)
+    torch.testing.assert_close(out, _reference(q, kv, seqs), atol=1e-5, rtol=1e-5)
 
 
 def test_block_sparse_prefill_matches_masked_reference():
-    q, kv, batch = _setup()
-    masks = _random_masks(batch)
-    out = prefill.paged_prefill(q, kv, batch, prefill.BlockLists.from_masks(masks, BLOCK))
-    torch.testing.assert_close(out, _reference(q, kv, batch, masks), atol=1e-5, rtol=1e-5)
+    q, kv, seqs = _setup()
+    masks = _random_masks(seqs)
+    out = prefill.paged_prefill(q, kv, prefill_group(seqs, PAGE), SCALE, prefill.BlockLists.from_masks(masks, BLOCK))
+    torch.testing.assert_close(out, _reference(q, kv, seqs, masks), atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_inputs_are_upcast_before_dot():
-    q, kv, batch = _setup(torch.bfloat16)
-    out = prefill.paged_prefill(q, kv, batch)
-    torch.testing.assert_close(out.float(), _reference(q, kv, batch), atol=2e-2, rtol=2e-2)
+    q, kv, seqs = _setup(torch.bfloat16)
+    out = prefill.paged_prefill(q, kv, prefill_group(seqs, PAGE), SCALE)
+    torch.testing.assert_close(out.float(), _reference(q, kv, seqs), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("antidiagonal", [True, False])
 def test_score_kernel_matches_torch_scoring(antidiagonal):
-    q, kv, batch = _setup()
+    q, kv, seqs = _setup()
     stride = 4
-    got = xscore.xattn_block_scores(q, kv, batch, BLOCK, stride, 1.0, antidiagonal)
-    for s, scores in zip(batch.seqs, got):
+    got = xscore.xattn_block_scores(q, kv, prefill_group(seqs, PAGE), BLOCK, stride, 1.0, antidiagonal)
+    for s, scores in zip(seqs, got):
         geom = BlockGeometry(BLOCK, s.q_len, s.context_len)
         k, _ = gather_kv(kv, s.block_table, s.context_len)
         qp = torch.zeros(HQ, geom.num_qblocks * BLOCK, D)
@@ -110,15 +113,14 @@ def test_score_kernel_matches_torch_scoring(antidiagonal):
 
 def test_xattention_cuda_pipeline_matches_cpu_path():
     """The backend's Triton route (scoring kernel -> selection -> sparse kernel) on CPU tensors."""
-    from sparsekv.attention.xattention import XAttentionBackend, XAttentionParams, _forward_cuda
-    from sparsekv.attention.xattention_select import head_thresholds
+    from sparsekv.attention.xattention import XAttentionBackend, XAttentionParams, XAttentionTriton
 
-    q, kv, batch = _setup()
+    q, kv, seqs = _setup()
     q = 3 * q
     params = XAttentionParams(block_size=BLOCK, stride=4, threshold=0.7)
-    want = XAttentionBackend(params).forward(q, kv, batch)
-    attended = [s.attended for s in batch.seqs]
-    got = _forward_cuda(params, head_thresholds(0.7, 0, HQ), q, kv, batch)
+    want = run_prefill(XAttentionBackend(params), q, kv, seqs, SCALE)
+    attended = [s.attended for s in seqs]
+    got = run_prefill(XAttentionTriton(params), q, kv, seqs, SCALE)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert [s.attended for s in batch.seqs] == attended
-    assert sum(attended) < sum(s.causal_pairs for s in batch.seqs) * HQ
+    assert [s.attended for s in seqs] == attended
+    assert sum(attended) < sum(s.causal_pairs for s in seqs) * HQ

@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 
-from sparsekv.attention.backend import AttnBatch, LayerKV, SeqAttn, get_backend
+from prefill_cases import Seq, run_prefill
+
+from sparsekv.attention.backend import get_backend
 from sparsekv.attention.dense import DenseBackend
 from sparsekv.attention.paged import gather_kv
 from sparsekv.attention.xattention import XAttentionBackend, XAttentionParams
+from sparsekv.cache.kv_cache import LayerKV
 from sparsekv.attention.xattention_select import BlockGeometry, block_scores, select_blocks, strided_keys
 
 HQ, HKV, D, PAGE = 4, 2, 16, 16
@@ -41,8 +44,8 @@ def _scores(q, kv, seq, bs=32, stride=4):
     return block_scores(*_grid(q, k, geom), geom, stride, 1.0), geom
 
 
-def _run(backend, q, kv, seqs):
-    return backend.forward(q, kv, AttnBatch("prefill", 0, 1, 1 / math.sqrt(D), seqs))
+def _run(backend, q, kv, seqs, layer=0, num_layers=1):
+    return run_prefill(backend, q, kv, seqs, 1 / math.sqrt(D), layer, num_layers)
 
 
 @pytest.mark.parametrize("antidiagonal", [True, False])
@@ -58,7 +61,7 @@ def test_strided_logits_are_tile_antidiagonal_sums(antidiagonal):
 
 def test_block_score_rows_sum_to_rows_per_block():
     kv, q = _pool(), torch.randn(70, HQ, D)
-    seq = SeqAttn(0, 70, 150, _pages(10))  # chunked: queries 80..149, partial first and last block
+    seq = Seq(0, 70, 150, _pages(10))  # chunked: queries 80..149, partial first and last block
     scores, geom = _scores(q, kv, seq)
     rows = scores.sum(-1)
     assert geom.first_block == 2 and geom.pad_front == 16
@@ -72,7 +75,7 @@ def test_block_score_rows_sum_to_rows_per_block():
 @pytest.mark.parametrize("q_len,ctx", [(200, 200), (70, 150), (1, 97)])
 def test_selection_forced_blocks_causality_and_minimality(tau, q_len, ctx):
     kv, q = _pool(), 3 * torch.randn(q_len, HQ, D)
-    scores, geom = _scores(q, kv, SeqAttn(0, q_len, ctx, _pages(13)))
+    scores, geom = _scores(q, kv, Seq(0, q_len, ctx, _pages(13)))
     sel = select_blocks(scores, torch.full((HQ,), tau), geom.first_block)
     qb = geom.first_block + torch.arange(geom.num_qblocks).view(-1, 1)
     kb = torch.arange(geom.num_kblocks).view(1, -1)
@@ -91,7 +94,7 @@ def test_selection_forced_blocks_causality_and_minimality(tau, q_len, ctx):
 
 def test_density_is_monotone_in_threshold():
     kv, q = _pool(), 3 * torch.randn(256, HQ, D)
-    scores, geom = _scores(q, kv, SeqAttn(0, 256, 256, _pages(16)))
+    scores, geom = _scores(q, kv, Seq(0, 256, 256, _pages(16)))
     counts = [int(select_blocks(scores, torch.full((HQ,), t), 0).sum()) for t in (0, .2, .5, .8, .9, .95, 1)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
@@ -113,7 +116,7 @@ def test_block_sparse_equals_masked_dense(gqa_mode, tau):
     """Varlen batch of two, GQA, one sequence chunked (Lq < Lk)."""
     kv = _pool()
     q = 3 * torch.randn(300, HQ, D)
-    seqs = [SeqAttn(0, 200, 200, _pages(13, 1)), SeqAttn(200, 100, 230, _pages(15, 2))]
+    seqs = [Seq(0, 200, 200, _pages(13, 1)), Seq(200, 100, 230, _pages(15, 2))]
     params = XAttentionParams(block_size=32, stride=4, threshold=tau, gqa_mode=gqa_mode)
     out = _run(XAttentionBackend(params), q, kv, seqs)
     for s in seqs:
@@ -133,7 +136,7 @@ def test_block_sparse_equals_masked_dense(gqa_mode, tau):
 def test_threshold_one_is_dense(threshold):
     kv = _pool()
     q = torch.randn(230, HQ, D)
-    seqs = [SeqAttn(0, 200, 200, _pages(13, 1)), SeqAttn(200, 30, 230, _pages(15, 2))]
+    seqs = [Seq(0, 200, 200, _pages(13, 1)), Seq(200, 30, 230, _pages(15, 2))]
     out = _run(XAttentionBackend(XAttentionParams(block_size=32, stride=4, threshold=threshold)), q, kv, seqs)
     attended = [s.attended for s in seqs]
     want = _run(DenseBackend(XAttentionParams()), q, kv, seqs)
@@ -146,9 +149,9 @@ def test_chunked_prefill_selects_like_unchunked():
     kv, pages = _pool(), _pages(16)
     q = 3 * torch.randn(256, HQ, D)
     backend = get_backend("xattention", XAttentionParams(block_size=32, stride=8, threshold=0.8))
-    whole = SeqAttn(0, 256, 256, pages)
+    whole = Seq(0, 256, 256, pages)
     full = _run(backend, q, kv, [whole])
-    first, second = SeqAttn(0, 96, 96, pages), SeqAttn(0, 160, 256, pages)
+    first, second = Seq(0, 96, 96, pages), Seq(0, 160, 256, pages)
     out1 = _run(backend, q[:96].clone(), kv, [first])
     out2 = _run(backend, q[96:].clone(), kv, [second])
     torch.testing.assert_close(torch.cat([out1, out2]), full, atol=1e-5, rtol=1e-5)
@@ -159,8 +162,8 @@ def test_bf16_path_close_to_fp32():
     kv32, kv16 = _pool(), _pool(dtype=torch.bfloat16)
     q = torch.randn(256, HQ, D)
     backend = XAttentionBackend(XAttentionParams(block_size=32, stride=4, threshold=0.95))
-    out32 = _run(backend, q, kv32, [SeqAttn(0, 256, 256, _pages(16))])
-    out16 = _run(backend, q.bfloat16(), kv16, [SeqAttn(0, 256, 256, _pages(16))])
+    out32 = _run(backend, q, kv32, [Seq(0, 256, 256, _pages(16))])
+    out16 = _run(backend, q.bfloat16(), kv16, [Seq(0, 256, 256, _pages(16))])
     assert (out16.float() - out32).abs().mean() < 2e-2
 
 
@@ -169,14 +172,14 @@ def test_per_head_threshold_table_from_json(tmp_path):
     path = tmp_path / "tau.json"
     path.write_text(json.dumps(table))
     kv, q = _pool(), 3 * torch.randn(256, HQ, D)
-    seq = SeqAttn(0, 256, 256, _pages(16))
+    seq = Seq(0, 256, 256, _pages(16))
     backend = XAttentionBackend(XAttentionParams(block_size=32, stride=4, threshold=str(path)))
-    backend.forward(q, kv, AttnBatch("prefill", 1, 2, 1 / math.sqrt(D), [seq]))
+    _run(backend, q, kv, [seq], layer=1, num_layers=2)
     scores, geom = _scores(q, kv, seq)
     sel = select_blocks(scores, torch.tensor(table[1]), 0)
     assert seq.attended == _masked_reference(q, kv, seq, sel, 32)[1]
     with pytest.raises(ValueError):
-        backend.forward(q, kv, AttnBatch("prefill", 2, 3, 1 / math.sqrt(D), [seq]))
+        _run(backend, q, kv, [seq], layer=2, num_layers=3)
 
 
 def test_params_are_validated():
@@ -184,6 +187,10 @@ def test_params_are_validated():
         XAttentionParams(block_size=16, stride=32)
     with pytest.raises(ValueError):
         XAttentionParams(threshold=-0.1)
+    with pytest.raises(ValueError, match="fraction of attention mass"):
+        XAttentionParams(threshold=7)
+    with pytest.raises(ValueError):
+        XAttentionParams(norm=0)
     with pytest.raises(ValueError):
         XAttentionParams(unknown=1)
     hash(XAttentionParams(threshold=[[0.9, 0.8]]))  # tables become tuples: usable as a cache key

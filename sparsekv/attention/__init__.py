@@ -2,6 +2,6 @@
 from sparsekv.attention import dense  # noqa: F401
 from sparsekv.attention import delta, quest  # noqa: F401
 from sparsekv.attention import xattention  # noqa: F401
-from sparsekv.attention.backend import AttentionBackend, AttnBatch, LayerKV, SeqAttn, get_backend, register
+from sparsekv.attention.backend import AttentionBackend, Plan, get_backend, register
 
-__all__ = ["AttentionBackend", "AttnBatch", "LayerKV", "SeqAttn", "get_backend", "register"]
+__all__ = ["AttentionBackend", "Plan", "get_backend", "register"]

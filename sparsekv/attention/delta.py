@@ -2,7 +2,7 @@
 
 At a Δ-layer each token is scored by its largest softmax probability over the query heads (all
 heads, or each KV group's heads), tokens are summed per page, the last `recent_pages` pages are
-forced, and the best pages fill `budget`. The selection goes into `seq.state` and every layer
+forced, and the best pages fill `budget`. The selection goes into the step's plan and every layer
 above, up to the next Δ-layer, attends only those pages in the same decode step. Layers below
 the first Δ-layer are dense, and so is everything while the context fits the budget. The whole
 KV cache is kept, so a later Δ-layer may pick pages an earlier one dropped.
@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from typing import Literal
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field, model_validator
 
-from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, register
-from sparsekv.attention.page_select import (decode_pages, num_pages, pad_stack, pool_ratio, select_pages,
-                                            triton_path)
+from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
+from sparsekv.attention.metadata import BatchGroup
+from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, num_pages, pad_stack, pool_ratio,
+                                            select_pages)
 from sparsekv.attention.paged import decode_segments, kv_segments
-
-STATE_KEY = "delta"  # seq.state[STATE_KEY] = (delta layer, context_len, pool-page ids [1 or Hkv, n])
+from sparsekv.cache.kv_cache import LayerKV
 
 
 class DeltaParams(BackendParams):
@@ -44,54 +46,66 @@ def default_delta_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(2, num_layers, 8))
 
 
+@dataclass(eq=False)
+class DeltaPlan(Plan):
+    delta_layers: tuple[int, ...]
+    active: list[int]  # requests past the budget
+    pool_pages: torch.Tensor  # their page counts
+    selection: tuple[int, torch.Tensor] | None = None  # (Δ-layer, [active, 1 or Hkv, n]) of this step
+
+
 @register
 class DeltaBackend(AttentionBackend):
     name = "delta"
     phases = ("decode",)
     Params = DeltaParams
 
-    def forward(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
+    def plan(self, group: BatchGroup, shape: AttnShape) -> DeltaPlan:
+        base = super().plan(group, shape)
         p = self.params
-        layers = p.delta_layers if p.delta_layers is not None else default_delta_layers(batch.num_layers)
-        if batch.layer in layers:
-            return self._delta_layer(q, kv, batch)
-        source = max((layer for layer in layers if layer < batch.layer), default=None)
-        hkv = kv.k.shape[1]
-        pages = []
-        for s in batch.seqs:
-            st = s.state.get(STATE_KEY)
-            fresh = st is not None and st[:2] == (source, s.context_len) and s.context_len > p.budget
-            pages.append(st[2].expand(hkv, -1) if fresh else None)  # no selection (yet): dense
-        return decode_pages(q, kv, batch, pages)
+        layers = p.delta_layers if p.delta_layers is not None else default_delta_layers(shape.num_layers)
+        active = [i for i, n in enumerate(group.seq_lens_cpu) if n > p.budget]
+        ps = group.meta.page_size
+        pool_pages = torch.tensor([num_pages(group.seq_lens_cpu[i], ps) for i in active], device=base.attended.device)
+        return DeltaPlan(base.group, shape, base.attended, tuple(layers), active, pool_pages)
 
-    def _delta_layer(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
-        """Dense attention for every sequence; a fresh selection for those past the budget."""
+    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DeltaPlan) -> torch.Tensor:
+        if layer in plan.delta_layers:
+            return self._delta_layer(q, kv, layer, plan)
+        source = max((x for x in plan.delta_layers if x < layer), default=None)
+        pages: list[torch.Tensor | None] = [None] * plan.group.num_reqs
+        if plan.selection is not None and plan.selection[0] == source:
+            hkv = kv.k.shape[1]
+            for i, row in zip(plan.active, plan.selection[1]):
+                pages[i] = row.expand(hkv, -1)
+        return self.attend(q, kv, plan, pages)  # no selection (yet): dense
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: DeltaPlan, pages: list) -> torch.Tensor:
+        return decode_pages(q, kv, plan, pages)
+
+    def dense_and_scores(self, q: torch.Tensor, kv: LayerKV, plan: DeltaPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense attention for every request and the page mass [active, 1 or Hkv, pages] of those past the budget."""
+        g, out, scores = plan.group, torch.empty_like(q), []
+        active = set(plan.active)
+        for i in range(g.num_reqs):
+            segs = kv_segments(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], g.page_runs[i])
+            if i in active:
+                out[i], probs = decode_segments(q[i], segs, plan.scale, return_probs=True)
+                scores.append(self._page_mass(probs, kv.page_size))
+            else:
+                out[i] = decode_segments(q[i], segs, plan.scale)
+        return out, pad_stack(scores, 0.0) if scores else None
+
+    def _delta_layer(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DeltaPlan) -> torch.Tensor:
+        """Dense attention for every request; a fresh selection for those past the budget."""
         p = self.params
-        ratio = pool_ratio(p.page_size, kv.page_size)
-        active = [i for i, s in enumerate(batch.seqs) if s.context_len > p.budget]
-        if triton_path(q):
-            out, scores = _dense_and_scores_cuda(q, kv, batch, p.head_reduce == "group")
-            scores = scores[active] if active else None
-        else:
-            out, scores = torch.empty_like(q), []
-            for s in batch.seqs:
-                segs = kv_segments(kv, s.block_table, s.context_len, s.page_runs)
-                if s.context_len > p.budget:
-                    out[s.q_start], probs = decode_segments(q[s.q_start], segs, batch.scale, return_probs=True)
-                    scores.append(self._page_mass(probs, kv.page_size))
-                else:
-                    out[s.q_start] = decode_segments(q[s.q_start], segs, batch.scale)
-            scores = pad_stack(scores, 0.0) if scores else None
-        for s in batch.seqs:
-            s.attended = s.context_len * q.shape[1]
+        out, scores = self.dense_and_scores(q, kv, plan)
+        plan.attended += torch.tensor(plan.group.seq_lens_cpu, dtype=torch.float64, device=q.device) * q.shape[1]
         if scores is not None:
-            seqs = [batch.seqs[i] for i in active]
-            pool_pages = torch.tensor([num_pages(s.context_len, kv.page_size) for s in seqs], device=q.device)
             with torch.profiler.record_function("delta.select"):  # reported by `bench attention`
-                sel = select_pages(scores, pool_pages, ratio, "sum", p.budget // p.page_size, p.recent_pages,
-                                   p.tie_break)
-            for s, pages in zip(seqs, sel):
-                s.state[STATE_KEY] = (batch.layer, s.context_len, pages)
+                sel = select_pages(scores, plan.pool_pages, pool_ratio(p.page_size, kv.page_size), "sum",
+                                   p.budget // p.page_size, p.recent_pages, p.tie_break)
+            plan.selection = (layer, sel)
         return out
 
     def _page_mass(self, probs: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -104,12 +118,22 @@ class DeltaBackend(AttentionBackend):
         return tok.view(tok.shape[0], -1, page_size).sum(-1)
 
 
-def _dense_and_scores_cuda(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
-                           per_group: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@register
+class DeltaTriton(DeltaBackend):
     """The dense Triton decode (which also returns each head's log-sum-exp), then a second pass
     that turns q.k and the log-sum-exp into the per-page probability mass."""
-    from sparsekv.attention.kernels.decode import paged_decode
-    from sparsekv.attention.kernels.page_score import delta_page_scores
 
-    out, lse = paged_decode(q, kv, batch, page_lists=None, return_lse=True)
-    return out, delta_page_scores(q, kv, batch, lse, per_group)
+    device = "cuda"
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: DeltaPlan, pages: list) -> torch.Tensor:
+        return decode_pages_triton(q, kv, plan, pages)
+
+    def dense_and_scores(self, q: torch.Tensor, kv: LayerKV, plan: DeltaPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from sparsekv.attention.kernels.decode import paged_decode
+        from sparsekv.attention.kernels.page_score import delta_page_scores
+
+        out, lse = paged_decode(q, kv, plan.group, plan.scale, return_lse=True)
+        if not plan.active:
+            return out, None
+        scores = delta_page_scores(q, kv, plan.group, plan.scale, lse, self.params.head_reduce == "group")
+        return out, scores[plan.active]

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from sparsekv.attention.backend import AttnBatch, LayerKV
-from sparsekv.attention.paged import decode_segments, kv_segments
-
-
-def triton_path(q: torch.Tensor) -> bool:
-    """Triton kernels on CUDA, PyTorch elsewhere (tests force the kernels under the interpreter)."""
-    return q.is_cuda
+from sparsekv.attention.backend import Plan
+from sparsekv.attention.dense import dense_decode, dense_decode_torch
+from sparsekv.attention.kernels import cpu_decode
+from sparsekv.cache.kv_cache import LayerKV
 
 
 def pool_ratio(page_size: int, pool_page_size: int) -> int:
@@ -69,12 +66,12 @@ def token_mask(pages: torch.Tensor, page_size: int, context_lens: torch.Tensor) 
 
 def attend_pages(q: torch.Tensor, kv: LayerKV, block_tables: list[torch.Tensor], context_lens: torch.Tensor,
                  pages: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of B sequences over their selected pages only (PyTorch path).
+    """Decode attention of B requests over their selected pages only (the PyTorch reference).
 
     q: [B, Hq, D]; pages: [B, Hkv, n]. One gather per tensor reads only the selected
     pages' bytes straight out of the pool (each (page, head) row is contiguous), then a batched
     matmul and float32 softmax with the padding masked. Returns the output [B, Hq, D] and the
-    attended (query, key) pairs per sequence summed over query heads.
+    attended (query, key) pairs per request summed over query heads.
     """
     bsz, hq, d = q.shape
     _, hkv, ps, _ = kv.k.shape
@@ -90,54 +87,51 @@ def attend_pages(q: torch.Tensor, kv: LayerKV, block_tables: list[torch.Tensor],
     return out, valid.sum((1, 2)) * (hq // hkv)
 
 
-def decode_pages(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
-                 pages: list[torch.Tensor | None]) -> torch.Tensor:
-    """Decode attention where sequence i attends `pages[i]` ([Hkv, n] pool-page ids) or, with
-    None, its whole context through the dense path (so a full budget is bit-for-bit dense)."""
-    if triton_path(q):
-        return _decode_pages_cuda(q, kv, batch, pages)
+def decode_pages(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[torch.Tensor | None]) -> torch.Tensor:
+    """Decode attention where request i attends `pages[i]` ([Hkv, n] logical page ids) or, with
+    None, its whole context through the dense path (so a full budget is bit-for-bit dense).
+    Adds each request's attended pairs to plan.attended."""
+    g, hq = plan.group, q.shape[1]
+    if all(p is None for p in pages):
+        plan.attended += torch.tensor(g.seq_lens_cpu, dtype=torch.float64, device=q.device) * hq
+        return dense_decode(q, kv, g, plan.scale)
     out = torch.empty_like(q)
-    hq = q.shape[1]
-    for s, p in zip(batch.seqs, pages):
-        if p is None:  # the dense backend's code path, on its threads: bit-for-bit the same
-            segs = kv_segments(kv, s.block_table, s.context_len, s.page_runs)
-            out[s.q_start] = decode_segments(q[s.q_start], segs, batch.scale)
-            s.attended = s.context_len * hq
-    sparse = [i for i, p in enumerate(pages) if p is not None]
-    if not sparse:
-        return out
-    seqs = [batch.seqs[i] for i in sparse]
-    lists = pad_stack([pages[i] for i in sparse], -1)
-    rows = torch.tensor([s.q_start for s in seqs])
-    res, attended = attend_pages(q[rows], kv, [s.block_table for s in seqs],
-                                 torch.tensor([s.context_len for s in seqs]), lists, batch.scale)
-    out[rows] = res
-    for s, a in zip(seqs, attended.tolist()):
-        s.attended = a
+    dense_rows = [i for i, p in enumerate(pages) if p is None]
+    if dense_rows:
+        out[dense_rows] = dense_decode_torch(q, kv, g, plan.scale, dense_rows)[dense_rows]
+        plan.attended[dense_rows] += torch.tensor([g.seq_lens_cpu[i] * hq for i in dense_rows],
+                                                  dtype=torch.float64, device=q.device)
+    rows = [i for i, p in enumerate(pages) if p is not None]
+    lists = pad_stack([pages[i] for i in rows], -1)
+    lens = g.seq_lens[rows].long()
+    if cpu_decode.available():
+        out[rows] = cpu_decode.paged_decode_cpu(q[rows], kv.k, kv.v, g.block_table[rows], g.seq_lens[rows],
+                                                plan.scale, page_lists=lists.to(torch.int32))
+        attended = token_mask(lists, kv.page_size, lens).sum((1, 2)) * (hq // kv.k.shape[1])
+    else:
+        out[rows], attended = attend_pages(q[rows], kv, [g.block_tables_cpu[i] for i in rows], lens, lists,
+                                           plan.scale)
+    plan.attended[rows] += attended.to(torch.float64)
     return out
+
+
+def decode_pages_triton(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[torch.Tensor | None]) -> torch.Tensor:
+    """The Triton paged decode kernel; requests without a selection get the list of all their pages."""
+    from sparsekv.attention.kernels.decode import paged_decode
+
+    g, hq, ps, hkv = plan.group, q.shape[1], kv.page_size, kv.k.shape[1]
+    if all(p is None for p in pages):
+        plan.attended += g.seq_lens.to(torch.float64) * hq
+        return paged_decode(q, kv, g, plan.scale)
+    full = [p.to(q.device) if p is not None else
+            torch.arange(num_pages(n, ps), device=q.device).expand(hkv, -1)
+            for n, p in zip(g.seq_lens_cpu, pages)]
+    lists = pad_stack(full, -1)
+    plan.attended += (token_mask(lists, ps, g.seq_lens.long()).sum((1, 2)) * (hq // hkv)).to(torch.float64)
+    return paged_decode(q, kv, g, plan.scale, page_lists=lists)
 
 
 def pad_stack(rows: list[torch.Tensor], value: float) -> torch.Tensor:
     """[H, n_i] tensors -> [B, H, max n], padded at the end with `value`."""
     n = max(r.shape[-1] for r in rows)
     return torch.stack([torch.nn.functional.pad(r, (0, n - r.shape[-1]), value=value) for r in rows])
-
-
-def _decode_pages_cuda(q: torch.Tensor, kv: LayerKV, batch: AttnBatch,
-                       pages: list[torch.Tensor | None]) -> torch.Tensor:
-    """The Triton paged decode kernel; dense sequences get the list of all their pages."""
-    from sparsekv.attention.kernels.decode import paged_decode
-
-    hq, ps, hkv = q.shape[1], kv.page_size, kv.k.shape[1]
-    if all(p is None for p in pages):
-        for s in batch.seqs:
-            s.attended = s.context_len * hq
-        return paged_decode(q, kv, batch, page_lists=None)
-    full = [p.to(q.device) if p is not None else
-            torch.arange(num_pages(s.context_len, ps), device=q.device).expand(hkv, -1)
-            for s, p in zip(batch.seqs, pages)]
-    lists = pad_stack(full, -1)
-    ctx = torch.tensor([s.context_len for s in batch.seqs], device=q.device)
-    for s, a in zip(batch.seqs, (token_mask(lists, ps, ctx).sum((1, 2)) * (hq // hkv)).tolist()):
-        s.attended = a
-    return paged_decode(q, kv, batch, page_lists=lists)

@@ -3,20 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsekv.attention.backend import LayerKV
-
-
-def page_runs(pages: list[int]) -> tuple[tuple[int, int], ...]:
-    """(first page, length) of each run of consecutive pages, in order."""
-    runs, start, n = [], pages[0], 1
-    for p in pages[1:]:
-        if p == start + n:
-            n += 1
-        else:
-            runs.append((start, n))
-            start, n = p, 1
-    runs.append((start, n))
-    return tuple(runs)
+from sparsekv.attention.metadata import page_runs
+from sparsekv.cache.kv_cache import LayerKV
 
 
 def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int,
@@ -24,7 +12,7 @@ def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int,
     """Keys and values of tokens [0, context_len) as [Hkv, context_len, D] tensors.
 
     In a head-major pool (LayerKV.allocate) consecutive pages are read in place, without a
-    copy; other block tables cost one gather. `runs` (SeqAttn.page_runs) spares the check.
+    copy; other block tables cost one gather. `runs` (BatchGroup.page_runs) spares the check.
     """
     n = (context_len + kv.page_size - 1) // kv.page_size
     runs = runs or page_runs(block_table[:n].tolist())

@@ -1,18 +1,22 @@
 """Quest (decode): each query keeps the pages whose keys could score highest against it.
 
 A page's score is an upper bound of q.k over its keys from the element-wise key bounds the
-cache keeps per page (LayerKV.kmin / kmax): sum_i max(q_i * kmin_i, q_i * kmax_i). Scores are
+cache keeps per page (the PAGE_BOUNDS side table, allocated once Quest runs): sum_i max(q_i * kmin_i, q_i * kmax_i). Scores are
 per query head, reduced by max within each GQA group, so every KV head reads its own page list
 (the pages any head of its group needs). The last, partial page is always attended.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field, model_validator
 
-from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, register
-from sparsekv.attention.page_select import (decode_pages, num_pages, pad_stack, pool_ratio, select_pages,
-                                            triton_path)
+from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
+from sparsekv.attention.metadata import BatchGroup
+from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, num_pages, pad_stack, pool_ratio,
+                                            select_pages)
+from sparsekv.cache.kv_cache import PAGE_BOUNDS, LayerKV
 
 
 class QuestParams(BackendParams):
@@ -49,38 +53,61 @@ def _seq_bounds(q: torch.Tensor, kv: LayerKV, ids: torch.Tensor) -> torch.Tensor
     return page_bounds(q, kv.kmin.index_select(0, ids), kv.kmax.index_select(0, ids))
 
 
+@dataclass(eq=False)
+class QuestPlan(Plan):
+    active: list[int]  # requests past the budget (the others attend densely)
+    pool_pages: torch.Tensor  # their page counts, on the device
+
+
 @register
 class QuestBackend(AttentionBackend):
     name = "quest"
     phases = ("decode",)
     Params = QuestParams
+    kv_spec = (PAGE_BOUNDS,)
 
-    def forward(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
-        with torch.profiler.record_function("quest.select"):
-            pages = self.select(q, kv, batch)  # the record_function range is reported by `bench attention`
-        return decode_pages(q, kv, batch, pages)
+    def plan(self, group: BatchGroup, shape: AttnShape) -> QuestPlan:
+        base = super().plan(group, shape)
+        active = [i for i, n in enumerate(group.seq_lens_cpu) if n > self.params.budget]
+        ps = group.meta.page_size
+        pool_pages = torch.tensor([num_pages(group.seq_lens_cpu[i], ps) for i in active], device=base.attended.device)
+        return QuestPlan(base.group, shape, base.attended, active, pool_pages)
 
-    def select(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> list[torch.Tensor | None]:
-        """Per sequence, the pool-page ids [Hkv, n] to attend, or None (dense) within the budget."""
+    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: QuestPlan) -> torch.Tensor:
+        with torch.profiler.record_function("quest.select"):  # the range `bench attention` reports
+            pages = self.select(q, kv, plan)
+        return self.attend(q, kv, plan, pages)
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan, pages: list) -> torch.Tensor:
+        return decode_pages(q, kv, plan, pages)
+
+    def scores(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
+        """[active, Hkv, pages] upper bounds, -inf padded."""
+        g = plan.group
+        return pad_stack([_seq_bounds(q[i], kv, g.block_tables_cpu[i][:n])
+                          for i, n in zip(plan.active, plan.pool_pages.tolist())], float("-inf"))
+
+    def select(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> list[torch.Tensor | None]:
+        """Per request, the logical page ids [Hkv, n] to attend, or None (dense) within the budget."""
         p = self.params
-        if kv.kmin is None or kv.kmax is None:
-            raise ValueError("quest needs the KV cache's per-page key bounds (LayerKV.kmin/kmax)")
-        ratio = pool_ratio(p.page_size, kv.page_size)
-        active = [i for i, s in enumerate(batch.seqs) if s.context_len > p.budget]
-        pages: list[torch.Tensor | None] = [None] * len(batch.seqs)
-        if not active:
+        pages: list[torch.Tensor | None] = [None] * plan.group.num_reqs
+        if not plan.active:
             return pages
-        seqs = [batch.seqs[i] for i in active]
-        pool_pages = [num_pages(s.context_len, kv.page_size) for s in seqs]
-        if triton_path(q):
-            from sparsekv.attention.kernels.page_score import quest_page_scores
-
-            scores = quest_page_scores(q, kv, batch)[active]
-        else:
-            scores = pad_stack([_seq_bounds(q[s.q_start], kv, s.block_table[:n])
-                                for s, n in zip(seqs, pool_pages)], float("-inf"))
-        sel = select_pages(scores, torch.tensor(pool_pages, device=q.device), ratio, "max",
+        sel = select_pages(self.scores(q, kv, plan), plan.pool_pages, pool_ratio(p.page_size, kv.page_size), "max",
                            p.budget // p.page_size, recent=1, tie_break=0.0)
-        for i, row in zip(active, sel):
+        for i, row in zip(plan.active, sel):
             pages[i] = row
         return pages
+
+
+@register
+class QuestTriton(QuestBackend):
+    device = "cuda"
+
+    def scores(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
+        from sparsekv.attention.kernels.page_score import quest_page_scores
+
+        return quest_page_scores(q, kv, plan.group)[plan.active]
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan, pages: list) -> torch.Tensor:
+        return decode_pages_triton(q, kv, plan, pages)

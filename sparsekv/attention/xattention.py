@@ -11,10 +11,11 @@ from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from sparsekv.attention.backend import AttentionBackend, AttnBatch, BackendParams, LayerKV, SeqAttn, register
+from sparsekv.attention.backend import AttentionBackend, BackendParams, Plan, register
 from sparsekv.attention.paged import gather_kv, prefill_attention
+from sparsekv.cache.kv_cache import LayerKV
 from sparsekv.attention.streams import run_streams
 from sparsekv.attention.xattention_select import (
     BlockGeometry, block_scores, causal_blocks, head_thresholds, load_threshold_table, select_blocks)
@@ -26,7 +27,7 @@ class XAttentionParams(BackendParams):
     block_size: Literal[16, 32, 64, 128] = 128
     stride: Literal[4, 8, 16] = 8
     threshold: Threshold = 0.9  # scalar, [layer][head] table, or a JSON file holding the table
-    norm: float = 1.0
+    norm: float = Field(1.0, gt=0.0)
     select_mode: Literal["antidiagonal", "diagonal"] = "antidiagonal"
     gqa_mode: Literal["per_q_head", "group_max"] = "per_q_head"
 
@@ -35,8 +36,9 @@ class XAttentionParams(BackendParams):
     def _check_threshold(cls, v: Threshold) -> Threshold:
         table = load_threshold_table(v) if isinstance(v, str) else v
         values = [table] if isinstance(table, float) else [x for row in table for x in row]
-        if not values or min(values) < 0:
-            raise ValueError("xattention threshold must be >= 0 (a number or a [layer][head] table)")
+        if not values or min(values) < 0 or max(values) > 1:
+            raise ValueError("xattention threshold is a fraction of attention mass in [0, 1] "
+                             "(a number or a [layer][head] table)")
         return v
 
     @model_validator(mode="after")
@@ -52,18 +54,22 @@ class XAttentionBackend(AttentionBackend):
     phases = ("prefill",)
     Params = XAttentionParams
 
-    def forward(self, q: torch.Tensor, kv: LayerKV, batch: AttnBatch) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: Plan) -> torch.Tensor:
         p = self.params
         if p.block_size % kv.page_size and kv.page_size % p.block_size:
             raise ValueError(f"xattention block_size {p.block_size} and KV page size {kv.page_size} "
                              "must divide one another")
-        taus = head_thresholds(p.threshold, batch.layer, q.shape[1])
-        if q.is_cuda:
-            return _forward_cuda(p, taus, q, kv, batch)
-        out = torch.empty_like(q)
-        for s in batch.seqs:
-            rows = slice(s.q_start, s.q_start + s.q_len)
-            out[rows] = _forward_seq(p, taus, q[rows], kv, s, batch.scale)
+        return self.attend(q, kv, plan, head_thresholds(p.threshold, layer, q.shape[1]))
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: Plan, taus: torch.Tensor) -> torch.Tensor:
+        g, out = plan.group, torch.empty_like(q)
+        attended = []
+        for i, (start, n) in enumerate(zip(g.query_start_cpu, g.q_lens_cpu)):
+            k, v = gather_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], g.page_runs[i])
+            out[start:start + n], pairs = _forward_seq(self.params, taus, q[start:start + n], k, v,
+                                                       g.seq_lens_cpu[i], plan.scale)
+            attended.append(pairs)
+        plan.attended += torch.stack(attended).to(torch.float64)
         return out
 
 
@@ -78,19 +84,20 @@ def _select(p: XAttentionParams, taus: torch.Tensor, scores: torch.Tensor, geom:
     return sel
 
 
-def attended_pairs(sel: torch.Tensor, geom: BlockGeometry) -> int:
-    """(query, key) pairs computed under a selection [H, nqb, nkb] (diagonal block always in)."""
-    off = sel.sum(-1).cpu() - 1
-    per_block = off * geom.queries_per_block() * geom.block_size + geom.diagonal_pairs()
-    return int(per_block.sum())
+def attended_pairs(sel: torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
+    """(query, key) pairs computed under a selection [H, nqb, nkb] (diagonal block always in),
+    as a 0-d tensor on sel's device (no host sync)."""
+    off = sel.sum(-1) - 1
+    per_block = off * geom.queries_per_block().to(sel.device) * geom.block_size + geom.diagonal_pairs().to(sel.device)
+    return per_block.sum()
 
 
-def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: LayerKV, seq: SeqAttn,
-                 scale: float) -> torch.Tensor:
-    """One sequence on the CPU: score, select, then attend over the selected blocks only."""
-    hq = q.shape[1]
-    k, v = gather_kv(kv, seq.block_table, seq.context_len, seq.page_runs)
-    geom = BlockGeometry(p.block_size, seq.q_len, seq.context_len)
+def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 context_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request on the CPU: score, select, then attend over the selected blocks only.
+    q: [q_len, Hq, D]; k, v: [Hkv, context_len, D]. Returns the output and the attended pairs."""
+    q_len, hq = q.shape[0], q.shape[1]
+    geom = BlockGeometry(p.block_size, q_len, context_len)
     group = hq // k.shape[0]
     if geom.num_kblocks <= 2 or bool((taus >= 1).all()):
         sel = None  # every causal block is kept: forced blocks cover it, or the dense shortcut
@@ -105,11 +112,10 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: L
         if int(sel.sum()) == int(causal_blocks(geom, hq).sum()):
             sel = None  # nothing to skip: compute exactly what dense attention computes
     if sel is None:
-        seq.attended = seq.causal_pairs * hq
-        return prefill_attention(q, k, v, scale)
-    seq.attended = attended_pairs(sel, geom)
+        pairs = q_len * (context_len - q_len) + q_len * (q_len + 1) // 2
+        return prefill_attention(q, k, v, scale), torch.tensor(pairs * hq)
     out = block_sparse_attention(qp, kp, vp, sel, geom, scale, shared_group=p.gqa_mode == "group_max")
-    return out[:, geom.pad_front:geom.pad_front + seq.q_len].transpose(0, 1)
+    return out[:, geom.pad_front:geom.pad_front + q_len].transpose(0, 1), attended_pairs(sel, geom)
 
 
 def _pad_to(x: torch.Tensor, length: int, front: int) -> torch.Tensor:
@@ -187,21 +193,24 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     return out.reshape(hq, nqb * bs, d)
 
 
-def _forward_cuda(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, kv: LayerKV,
-                  batch: AttnBatch) -> torch.Tensor:
-    """Triton: fused scoring kernel, selection in torch on the GPU, block-sparse paged prefill."""
-    from sparsekv.attention.kernels.prefill import BlockLists, paged_prefill
-    from sparsekv.attention.kernels.xattn_score import xattn_block_scores
+@register
+class XAttentionTriton(XAttentionBackend):
+    """Fused scoring kernel, selection in torch on the GPU, block-sparse paged prefill."""
 
-    hq = q.shape[1]
-    group = hq // kv.k.shape[1]
-    with torch.profiler.record_function("xattention.select"):
-        scores = xattn_block_scores(q, kv, batch, p.block_size, p.stride, p.norm, p.select_mode == "antidiagonal")
-        masks = []
-        for s, sc in zip(batch.seqs, scores):
-            geom = BlockGeometry(p.block_size, s.q_len, s.context_len)
-            sel = _select(p, taus, sc, geom, group)
-            s.attended = attended_pairs(sel, geom)
-            masks.append(sel)
-    return paged_prefill(q, kv, batch, BlockLists.from_masks(masks, p.block_size))
+    device = "cuda"
 
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: Plan, taus: torch.Tensor) -> torch.Tensor:
+        from sparsekv.attention.kernels.prefill import BlockLists, paged_prefill
+        from sparsekv.attention.kernels.xattn_score import xattn_block_scores
+
+        p, g = self.params, plan.group
+        group = q.shape[1] // kv.k.shape[1]
+        with torch.profiler.record_function("xattention.select"):
+            scores = xattn_block_scores(q, kv, g, p.block_size, p.stride, p.norm, p.select_mode == "antidiagonal")
+            masks, attended = [], []
+            for n, ctx, sc in zip(g.q_lens_cpu, g.seq_lens_cpu, scores):
+                geom = BlockGeometry(p.block_size, n, ctx)
+                masks.append(_select(p, taus.to(sc.device), sc, geom, group))
+                attended.append(attended_pairs(masks[-1], geom))
+        plan.attended += torch.stack(attended).to(torch.float64)
+        return paged_prefill(q, kv, g, plan.scale, BlockLists.from_masks(masks, p.block_size))

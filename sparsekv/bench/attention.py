@@ -5,8 +5,8 @@ with the structure real attention has (a sink, a local band, a few heavy keys ev
 wants) sit in a paged pool and go through the backends as the model calls them. Prefill methods
 run one layer over the whole prompt, against the faster of the dense backend and torch SDPA on
 contiguous tensors. Decode methods run one decode step through `--num-layers` layers in order
-on one shared seq.state (one pool reused for every layer), against the dense backend the same
-way. A backend that wraps its selection in torch.profiler.record_function("<name>.select") gets
+with one plan per step (one pool reused for every layer), against the dense backend the same
+way; the dense rows carry the bandwidth limit (KV bytes read / read bandwidth measured in the run). A backend that wraps its selection in torch.profiler.record_function("<name>.select") gets
 that time reported as scoring_ms.
 """
 from __future__ import annotations
@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-from sparsekv.bench.synthetic import HEAD_DIM, HKV, HQ, paged_pool, synthetic_qkv
-BANDWIDTH = 30e9  # bytes/s, this machine's measured read bandwidth (machine-figures.md)
+from sparsekv.bench.synthetic import HEAD_DIM, HKV, HQ, PAGE, paged_pool, synthetic_qkv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,21 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: each method's own phase")
     p.add_argument("--num-layers", type=int, default=32, help="layers per decode step")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 unless dense prefill is clearly faster in float32 here")
+                   help="auto: what the CPU runs natively (bfloat16 only with AVX512-BF16/AMX), bfloat16 on CUDA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
 
 
 def resolve(name: str):
     """(backend name, params, phases) for a preset, a backend name or a SparsityConfig JSON."""
-    from sparsekv.attention.backend import backend_class, known_methods
+    from sparsekv.attention.backend import known_methods, params_class
     from sparsekv.config import PRESETS, preset
 
     def phases(method: str) -> tuple[str, ...]:
         return tuple(p for p in ("prefill", "decode") if method in known_methods(p))
 
     if name not in PRESETS and phases(name):
-        return name, backend_class(name, phases(name)[0]).Params(), phases(name)
+        return name, params_class(name, phases(name)[0])(), phases(name)
     cfg = preset(name)
     for phase, spec in (("prefill", cfg.prefill), ("decode", cfg.decode)):
         if spec.method != "dense":
@@ -95,51 +93,50 @@ class Case:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.baselines: dict[str, dict] = {}
 
-    def prefill_call(self, backend):
-        """The whole prompt through one layer."""
-        from sparsekv.attention.backend import AttnBatch, SeqAttn
+    def group(self, phase: str, q_len: int, context_len: int):
+        from sparsekv.attention.metadata import AttnMetadata, RequestInput
 
-        seq = SeqAttn(0, self.length, self.length, self.table)
-        return lambda: backend.forward(self.q, self.kv, AttnBatch("prefill", 0, 1, HEAD_DIM ** -0.5, [seq])), seq
+        reqs = [RequestInput(q_len, context_len, self.table.tolist(), phase)]
+        return AttnMetadata.build(reqs, PAGE, self.device).group(phase, 0, 1)
 
-    def decode_call(self, backend):
-        """One decode step through all layers on one shared seq.state."""
-        from sparsekv.attention.backend import AttnBatch, SeqAttn
+    def call(self, backend, phase: str):
+        """One step: the plan, then the layers (prefill: the whole prompt through one layer)."""
+        from sparsekv.attention.backend import AttnShape
 
-        n = self.args.num_layers
-        seq = SeqAttn(0, 1, self.length + 1, self.table)
-        stats = {"attended": 0}
+        layers = self.args.num_layers if phase == "decode" else 1
+        q = self.q_decode if phase == "decode" else self.q
+        group = self.group(phase, q.shape[0], self.length + (phase == "decode"))
+        shape = AttnShape(layers, HQ, HKV, HEAD_DIM, HEAD_DIM ** -0.5)
+        pairs = group.causal_pairs_cpu()[0] * HQ * layers
+        last: dict = {}
 
         def step():
-            stats["attended"] = 0
-            for layer in range(n):
-                backend.forward(self.q_decode, self.kv, AttnBatch("decode", layer, n, HEAD_DIM ** -0.5, [seq]))
-                stats["attended"] += seq.attended
-        return step, seq, stats
+            plan = backend.plan(group, shape)
+            for layer in range(layers):
+                backend.forward(q, self.kv, layer, plan)
+            last["plan"] = plan
+        return step, lambda: float(last["plan"].attended.sum()) / pairs
 
     def measure(self, phase: str, backend) -> dict:
         """median_ms and attended_fraction (+ extras) of one method in one phase."""
         repeats = self.args.repeats
+        fn, fraction = self.call(backend, phase)
+        ms = median_ms(fn, repeats, self.sync)
+        row = {"median_ms": ms, "attended_fraction": fraction()}
         if phase == "prefill":
-            fn, seq = self.prefill_call(backend)
-            ms = median_ms(fn, repeats, self.sync)
-            row = {"median_ms": ms, "attended_fraction": seq.attended / (seq.causal_pairs * HQ)}
             if backend.name != "dense":
                 row["scoring_ms"] = select_ms(fn)
             return row
-        fn, seq, stats = self.decode_call(backend)
-        ms = median_ms(fn, repeats, self.sync)
-        frac = stats["attended"] / (seq.causal_pairs * HQ * self.args.num_layers)
-        kv_bytes = frac * 2 * self.kv.k.numel() * self.kv.k.element_size() * self.args.num_layers
-        return {"median_ms": ms, "attended_fraction": frac, "num_layers": self.args.num_layers,
-                "kv_bytes": int(kv_bytes), "bandwidth_limit_ms": 1e3 * kv_bytes / BANDWIDTH}
+        kv_bytes = row["attended_fraction"] * 2 * self.kv.k.numel() * self.kv.k.element_size() * self.args.num_layers
+        return {**row, "num_layers": self.args.num_layers, "kv_bytes": int(kv_bytes),
+                "bandwidth_limit_ms": 1e3 * kv_bytes / self.args.bandwidth}
 
     def dense(self, phase: str) -> dict:
         """The dense backend's row, and the baseline `ms`: the faster of it and (prefill) SDPA."""
         if phase not in self.baselines:
             from sparsekv.attention.backend import get_backend
 
-            row = self.measure(phase, get_backend("dense", resolve("dense")[1]))
+            row = self.measure(phase, get_backend("dense", resolve("dense")[1], self.device.type))
             extra = {"dense_backend_ms": row["median_ms"]}
             if phase == "prefill":
                 extra["sdpa_ms"] = self.sdpa_ms()
@@ -155,34 +152,15 @@ class Case:
             q, self.k[None], self.v[None], is_causal=True, enable_gqa=True), self.args.repeats, self.sync)
 
 
-def pick_dtype(device):
-    """bfloat16 unless dense causal SDPA at 4K tokens is clearly (10%) faster in float32: at
-    equal speed the 16-bit pool halves memory and bandwidth."""
+def device_info(device) -> dict:
     import torch
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        q = torch.randn(1, HQ, 4096, HEAD_DIM, dtype=dtype, device=device)
-        k = torch.randn(1, HKV, 4096, HEAD_DIM, dtype=dtype, device=device)
-        times[dtype] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, k, is_causal=True, enable_gqa=True), 3, sync)
-    best = torch.float32 if times[torch.float32] < 0.9 * times[torch.bfloat16] else torch.bfloat16
-    logger.info("dense SDPA at 4K: %s ms; using %s", {str(d): round(t) for d, t in times.items()}, best)
-    return best, {str(d).removeprefix("torch."): t for d, t in times.items()}
-
-
-def device_name(device) -> str:
-    import torch
+    from sparsekv.bench.bandwidth import cpu_description
 
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                      if ln.startswith("model name")), model)
-    return f"cpu: {model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    cpu = cpu_description()
+    return {"device": f"cpu: {cpu['cpu']} ({cpu['capability']}), {cpu['threads']} threads, torch {cpu['torch']}", **cpu}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -214,24 +192,28 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    if args.dtype == "auto":
-        dtype, probe = pick_dtype(device)
+    info = device_info(device)
+    if args.dtype == "auto":  # never emulated bf16: many times slower than float32 on AVX2 CPUs
+        dtype = torch.bfloat16 if device.type == "cuda" or info.get("native_bf16") else torch.float32
     else:
-        dtype, probe = getattr(torch, args.dtype), None
+        dtype = getattr(torch, args.dtype)
+    from sparsekv.bench.bandwidth import read_bandwidth
+
+    args.bandwidth = read_bandwidth(device.type)
+    info["read_bandwidth_gbs"] = args.bandwidth / 1e9
     jobs = []
     for name in args.methods.split(","):
         method, params, phases = resolve(name)
         for phase in phases if args.phase == "auto" else (args.phase,):
             if phase not in phases:
                 raise ValueError(f"{name} has no {phase} phase (it has {', '.join(phases)})")
-            jobs.append((name, method, phase, get_backend(method, params)))
+            jobs.append((name, method, phase, get_backend(method, params, device.type)))
     if args.phase == "auto":  # dense only in the phases the sparse methods are measured in
         measured = {j[2] for j in jobs if j[1] != "dense"} or {"prefill"}
         jobs = [j for j in jobs if j[1] != "dense" or j[2] in measured]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-              "dtype_probe_ms": probe, "rows": []}
+    result = {**info, "dtype": str(dtype).removeprefix("torch."), "rows": []}
     lengths = [int(x) for x in args.lengths.split(",")]
     with tqdm(total=len(lengths) * len(jobs), desc="bench attention") as bar:
         for length in lengths:

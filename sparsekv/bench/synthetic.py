@@ -45,7 +45,7 @@ def paged_pool(k, v):
     """LayerKV with k, v [Hkv, L, D] in consecutive pages, plus the per-page key bounds."""
     import torch
 
-    from sparsekv.attention.backend import LayerKV
+    from sparsekv.cache.kv_cache import LayerKV
 
     hkv, length, d = k.shape
     n = -(-length // PAGE)
@@ -56,4 +56,4 @@ def paged_pool(k, v):
     kh = kp.transpose(0, 1)  # [Hkv, n, PAGE, D]; bounds stored head-major like the keys
     kmin = kh.masked_fill(tail, float("inf")).amin(2).transpose(0, 1)
     kmax = kh.masked_fill(tail, float("-inf")).amax(2).transpose(0, 1)
-    return LayerKV(kp, vp, kmin, kmax)
+    return LayerKV(kp, vp, {"kmin": kmin, "kmax": kmax})

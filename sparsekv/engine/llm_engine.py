@@ -47,7 +47,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.config, max_len)
         self.vocab_size = self.runner.model.args.vocab_size
         self.block_manager = BlockManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   on_release=self.runner.release)
         self.requests: dict[str, list[Sequence]] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
 

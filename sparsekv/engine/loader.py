@@ -38,19 +38,21 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     params = dict(model.named_parameters())
-    loaded: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
-                if name not in params:
-                    if "rotary_emb" not in name:
-                        log.warning("ignoring unexpected tensor %s in %s", name, f.name)
-                    continue
-                t = sf.get_tensor(name)
-                if tuple(t.shape) != tuple(params[name].shape):
-                    raise ValueError(f"tensor {name} in {f.name} has shape {tuple(t.shape)} but the config "
-                                     f"implies {tuple(params[name].shape)}")
-                loaded[name] = t.to(device=device, dtype=dtype)
+                if "rotary_emb" not in name:
+                    raw[name] = sf.get_tensor(name).to(device=device, dtype=dtype)
+    loaded: dict[str, torch.Tensor] = {}
+    for name, t in LlamaForCausalLM.fuse_checkpoint(raw).items():
+        if name not in params:
+            log.warning("ignoring unexpected tensor %s in %s", name, path)
+        elif tuple(t.shape) != tuple(params[name].shape):
+            raise ValueError(f"tensor {name} in {path} has shape {tuple(t.shape)} but the config "
+                             f"implies {tuple(params[name].shape)}")
+        else:
+            loaded[name] = t
     if args.tie_word_embeddings:
         loaded.setdefault("lm_head.weight", loaded.get("model.embed_tokens.weight"))
     missing = [n for n in params if n not in loaded or loaded[n] is None]

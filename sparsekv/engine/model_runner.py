@@ -5,13 +5,15 @@ import logging
 
 import torch
 
-from sparsekv.attention.backend import BackendParams
-from sparsekv.attention.paged import page_runs
-from sparsekv.cache.kv_cache import KVCache
+from sparsekv.attention.backend import AttnShape, BackendParams, backend_class, live_backends
+from sparsekv.attention.context import ForwardContext, Route, forward_context
+from sparsekv.attention.metadata import AttnMetadata, RequestInput
+from sparsekv.attention.router import LayerRoute, build_routes
+from sparsekv.cache.kv_cache import KVCache, WriteIndex
 from sparsekv.config import EngineConfig, SparsityConfig
 from sparsekv.engine.loader import load_model
-from sparsekv.engine.models.llama import ForwardContext, SeqContext
 from sparsekv.engine.sequence import Sequence
+from sparsekv.ffn.backend import FFN_BACKENDS
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +42,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model(config.model, self.dtype, self.device)
         a = self.model.args
+        self.shape = AttnShape(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
         self.page_size = config.block_size
-        per_page = KVCache.bytes_per_page(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim, self.dtype)
+        self._routes: dict[tuple, tuple[SparsityConfig, list[LayerRoute]]] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        specs = self._configured_specs(config.sparsity)
+        per_page = KVCache.bytes_per_page(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim, self.dtype, specs)
         need = max_model_len * max(1, config.max_num_seqs) // self.page_size + config.max_num_seqs + 1
         budget = config.kv_cache_memory or self._default_kv_bytes(config)
         self.num_pages = min(max(budget // per_page, 1), need)
@@ -50,9 +57,18 @@ class ModelRunner:
                              f"sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
                              f"--max-model-len")
         self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
-                                self.dtype, self.device)
+                                self.dtype, self.device, specs)
         log.info("model %s on %s (%s); KV pool %d pages x %d tokens (%.1f MiB)", config.model, self.device,
                  self.dtype, self.num_pages, self.page_size, self.num_pages * per_page / 2**20)
+
+    def _configured_specs(self, sp: SparsityConfig) -> tuple:
+        """Side tables of the server's configured methods, counted in the KV budget up front
+        (a request that picks another method allocates its tables on first use)."""
+        specs = {}
+        for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
+            for s in backend_class(spec.method, self.device.type).kv_spec:
+                specs[s.name] = s
+        return tuple(specs.values())
 
     def _default_kv_bytes(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
@@ -62,37 +78,86 @@ class ModelRunner:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return int(avail * config.cpu_kv_cache_fraction)
 
-    def routes(self, sp: SparsityConfig, phase: str, context_len: int) -> list[tuple[str, BackendParams]]:
-        """The backend each layer uses for this sequence in this step."""
+    def routes(self, sp: SparsityConfig, phase: str, context_len: int) -> list[LayerRoute]:
+        """The (method, params) each layer uses for this request in this step; the lists are
+        built once per (config, phase, below min_context) and reused."""
+        dense = context_len < sp.min_context
+        key = (id(sp), phase, dense)
+        hit = self._routes.get(key)
+        if hit is not None and hit[0] is sp:
+            return hit[1]
         spec = sp.prefill if phase == "prefill" else sp.decode
         n = self.model.args.num_layers
-        if spec.method == "dense" or context_len < sp.min_context:
-            return [DENSE] * n
-        chosen = (spec.method, spec.params(phase))
-        return [DENSE if i in sp.dense_layers else chosen for i in range(n)]
+        if spec.method == "dense" or dense:
+            routes = [DENSE] * n
+        else:
+            chosen = (spec.method, spec.params(phase))
+            routes = [DENSE if i in sp.dense_layers else chosen for i in range(n)]
+        self._routes[key] = (sp, routes)
+        return routes
+
+    def slot(self, seq: Sequence) -> int:
+        """The request slot of a running sequence (backend state is indexed by it)."""
+        if seq.slot is None:
+            seq.slot = self._free_slots.pop() if self._free_slots else self._next_slot
+            self._next_slot += seq.slot == self._next_slot
+        return seq.slot
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished, was aborted or preempted: free its slot and backend state."""
+        if seq.slot is None:
+            return
+        for backend in live_backends():
+            backend.free([seq.slot])
+        self._free_slots.append(seq.slot)
+        seq.slot = None
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute the scheduled tokens; return logits [len(batch), V] at each one's last token."""
-        ids, pos, slots, seqs, last = [], [], [], [], []
-        ps = self.page_size
-        for seq, n in batch:
+        phases = ["decode" if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens else "prefill"
+                  for seq, n in batch]
+        routes = [self.routes(seq.sparsity, ph, seq.num_computed_tokens + n) for (seq, n), ph in zip(batch, phases)]
+        groups: dict[tuple, int] = {}  # (phase, route list) -> first-seen rank: decodes first, routes together
+        order = sorted(range(len(batch)), key=lambda i: (phases[i] != "decode",
+                                                         groups.setdefault((phases[i], id(routes[i])), len(groups))))
+        reqs, ids, pos = [], [], []
+        for i in order:
+            seq, n = batch[i]
             start = seq.num_computed_tokens
+            reqs.append(RequestInput(n, start + n, seq.block_table, phases[i], self.slot(seq)))
             ids.extend(seq.token_ids[start:start + n])
-            p = range(start, start + n)
-            pos.extend(p)
-            slots.extend(seq.block_table[i // ps] * ps + i % ps for i in p)
-            phase = "decode" if n == 1 and start >= seq.num_prompt_tokens else "prefill"
-            seqs.append(SeqContext(
-                q_start=len(ids) - n, q_len=n, context_len=start + n,
-                block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
-                page_runs=page_runs(seq.block_table[:-(-(start + n) // ps)]),
-                phase=phase, routes=self.routes(seq.sparsity, phase, start + n), state=seq.state,
-                stats=seq.stats))
-            last.append(len(ids) - 1)
+            pos.extend(range(start, start + n))
         dev = self.device
-        ctx = ForwardContext(kv_cache=self.kv_cache, slots=torch.tensor(slots, dtype=torch.long, device=dev),
-                             cos=torch.empty(0), sin=torch.empty(0), seqs=seqs)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(pos, dtype=torch.long, device=dev), ctx)
-        return self.model.compute_logits(hidden[torch.tensor(last, device=dev)]).cpu()
+        meta = AttnMetadata.build(reqs, self.page_size, dev)
+        attn_routes, plans = build_routes(meta, [phases[i] for i in order], [routes[i] for i in order],
+                                          self.shape, dev.type)
+        for plan_backend in {id(r.backend): r.backend for layer in attn_routes for r in layer}.values():
+            for spec in plan_backend.kv_spec:
+                self.kv_cache.ensure(spec)
+        write_index = WriteIndex.from_slots(meta.slot_mapping, self.page_size)
+        self.kv_cache.begin_step(write_index)
+        ffn = [Route(FFN_BACKENDS["none"], meta.group("mixed", 0, meta.num_reqs), 0, meta.num_actual_tokens)]
+        ctx = ForwardContext(meta, self.kv_cache, write_index,
+                             attn_routes, [ffn] * self.shape.num_layers)
+        with forward_context(ctx):
+            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                                torch.tensor(pos, dtype=torch.long, device=dev))
+        last = meta.query_start_loc[1:].long() - 1
+        logits = self.model.compute_logits(hidden[last]).cpu()
+        self._record_stats([batch[i][0] for i in order], [phases[i] for i in order], meta, plans)
+        out = torch.empty_like(logits)
+        out[torch.tensor(order)] = logits
+        return out
+
+    def _record_stats(self, seqs: list[Sequence], phases: list[str], meta: AttnMetadata, plans: list) -> None:
+        """Attended pairs from the plans' device counters: one read per plan per step."""
+        attended = [0.0] * len(seqs)
+        for plan in plans:
+            g = plan.group
+            for i, a in enumerate(plan.attended.tolist()):
+                attended[g.req_start + i] += a
+        pairs = meta.group("all", 0, meta.num_reqs).causal_pairs_cpu()
+        total = self.shape.num_heads * self.shape.num_layers
+        for seq, ph, a, p in zip(seqs, phases, attended, pairs):
+            seq.stats.add(ph, int(a), p * total)

@@ -7,14 +7,17 @@ When pages run out, the newest running sequence is preempted by recompute.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from sparsekv.cache.block_manager import BlockManager
 from sparsekv.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_release: Callable[[Sequence], None] = lambda seq: None):
         self.bm = block_manager
+        self.on_release = on_release  # frees the sequence's backend state (finish, abort, preemption)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -66,7 +69,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
-        seq.state.clear()
+        self.on_release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -78,5 +81,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
-        seq.state.clear()
+        self.on_release(seq)
         seq.status = SequenceStatus.FINISHED

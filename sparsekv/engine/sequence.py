@@ -33,7 +33,7 @@ class Sequence:
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    state: dict = field(default_factory=dict)  # attention backends' per-sequence state
+    slot: int | None = None  # request slot while running (backend state is indexed by it)
     stats: SparsityStats = field(default_factory=SparsityStats)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     generator: torch.Generator | None = None

@@ -75,14 +75,10 @@ def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
     tl.store(LSE + sid * slse_s + heads * slse_h + split, lse, mask=gmask)
 
 
-def pack_tables(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block tables padded to [num_seqs, max pages] int32, context lengths and query rows."""
-    seqs = batch.seqs
-    tables = [s.block_table.to(device) for s in seqs]
-    bt = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(torch.int32)
-    ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.int32, device=device)
-    rows = torch.tensor([s.q_start for s in seqs], dtype=torch.int32, device=device)
-    return bt, ctx, rows
+def pack_tables(group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's block tables [n, max pages], context lengths and first q rows, int32 on the
+    device: packed once per step by the metadata, only sliced here."""
+    return group.block_table, group.seq_lens, group.query_start
 
 
 def tile_tokens(page_size: int) -> int:
@@ -92,17 +88,17 @@ def tile_tokens(page_size: int) -> int:
     return max(page_size, 64)
 
 
-def paged_decode(q: torch.Tensor, kv, batch, page_lists: torch.Tensor | None = None,
+def paged_decode(q: torch.Tensor, kv, group, scale: float, page_lists: torch.Tensor | None = None,
                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention for batch.seqs (q_len 1 each) over their listed pages, or every page.
+    """Decode attention for a group's requests (q_len 1 each) over their listed pages, or every page.
 
-    q: [rows, Hq, D] (sequence i's query is row seqs[i].q_start); kv: LayerKV; page_lists:
+    q: [rows, Hq, D] (request i's query is row group.query_start[i]); kv: LayerKV; page_lists:
     [num_seqs, Hkv, n] logical page ids, -1 = none. Returns [rows, Hq, D] in q's dtype and, with
     return_lse, the float32 log-sum-exp of the scaled logits per (sequence, query head).
     """
-    nseq, (_, hq, d) = len(batch.seqs), q.shape
+    nseq, (_, hq, d) = group.num_reqs, q.shape
     _, hkv, ps, _ = kv.k.shape
-    bt, ctx, qrow = pack_tables(batch, q.device)
+    bt, ctx, qrow = pack_tables(group)
     block_n = tile_tokens(ps)
     dense = page_lists is None
     n_list = bt.shape[1] if dense else page_lists.shape[2]
@@ -118,7 +114,7 @@ def paged_decode(q: torch.Tensor, kv, batch, page_lists: torch.Tensor | None = N
         q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         kv.v.stride(0), kv.v.stride(1), kv.v.stride(2), bt.stride(0),
         pl.stride(0), 0 if dense else pl.stride(1), pl.stride(-1), o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(0), lse.stride(1), n_list, per_split, batch.scale,
+        lse.stride(0), lse.stride(1), n_list, per_split, scale,
         G=hq // hkv, D=d, PS=ps, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, DENSE=dense,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")

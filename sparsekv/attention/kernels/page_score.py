@@ -84,9 +84,9 @@ def _shapes(q: torch.Tensor, kv) -> dict:
                 BLOCK_D=max(16, triton.next_power_of_2(d)), PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def quest_page_scores(q: torch.Tensor, kv, batch) -> torch.Tensor:
+def quest_page_scores(q: torch.Tensor, kv, group) -> torch.Tensor:
     """[num_seqs, Hkv, max pages] float32 Quest bounds (-inf past a sequence's pages)."""
-    bt, ctx, qrow = pack_tables(batch, q.device)
+    bt, ctx, qrow = pack_tables(group)
     nseq, width, hkv = bt.shape[0], bt.shape[1], kv.k.shape[1]
     blocks = triton.cdiv(width, _QUEST_PAGES)
     out = torch.empty(nseq, hkv, blocks * _QUEST_PAGES, dtype=torch.float32, device=q.device)
@@ -96,12 +96,12 @@ def quest_page_scores(q: torch.Tensor, kv, batch) -> torch.Tensor:
     return out[:, :, :width]
 
 
-def delta_page_scores(q: torch.Tensor, kv, batch, lse: torch.Tensor, per_group: bool) -> torch.Tensor:
+def delta_page_scores(q: torch.Tensor, kv, group, scale: float, lse: torch.Tensor, per_group: bool) -> torch.Tensor:
     """[num_seqs, Hkv or 1, max pages] float32 DELTA page mass (0 past a sequence's pages).
 
     lse: [num_seqs, Hq] log-sum-exp of the scaled logits, from paged_decode(return_lse=True).
     """
-    bt, ctx, qrow = pack_tables(batch, q.device)
+    bt, ctx, qrow = pack_tables(group)
     nseq, width, hkv = bt.shape[0], bt.shape[1], kv.k.shape[1]
     per_prog = tile_tokens(kv.page_size) // kv.page_size
     blocks = triton.cdiv(width, per_prog)
@@ -109,6 +109,6 @@ def delta_page_scores(q: torch.Tensor, kv, batch, lse: torch.Tensor, per_group: 
     lse = lse.contiguous()
     _delta_kernel[(nseq, blocks)](
         q, kv.k, bt, ctx, qrow, lse, out, q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1),
-        kv.k.stride(2), bt.stride(0), lse.stride(0), out.stride(0), out.stride(1), batch.scale, hkv,
+        kv.k.stride(2), bt.stride(0), lse.stride(0), out.stride(0), out.stride(1), scale, hkv,
         BLOCK_P=per_prog, PER_GROUP=per_group, **_shapes(q, kv))
     return out[:, :, :width]

@@ -58,25 +58,19 @@ class TileMeta:
     block_tables: torch.Tensor  # int32 [num_seqs, max_pages]
 
 
-def tile_meta(batch, block_size: int, device: torch.device) -> TileMeta:
-    """One tile per (sequence, query block on the absolute grid)."""
-    seqs = batch.seqs
-    ctx = torch.tensor([s.context_len for s in seqs])
-    q_len = torch.tensor([s.q_len for s in seqs])
+def tile_meta(group, block_size: int, device: torch.device) -> TileMeta:
+    """One tile per (request, query block on the absolute grid); tables come packed from the step."""
+    ctx = torch.tensor(group.seq_lens_cpu)
+    q_len = torch.tensor(group.q_lens_cpu)
     nqb = (ctx + block_size - 1) // block_size - (ctx - q_len) // block_size
-    tile_seq = torch.repeat_interleave(torch.arange(len(seqs)), nqb)
+    tile_seq = torch.repeat_interleave(torch.arange(group.num_reqs), nqb)
     first = torch.cumsum(nqb, 0) - nqb
     tile_blk = torch.arange(int(nqb.sum())) - first[tile_seq]
-    width = max(s.block_table.numel() for s in seqs)
-    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-    for i, s in enumerate(seqs):
-        tables[i, :s.block_table.numel()] = s.block_table.cpu()
 
     def dev(x: torch.Tensor) -> torch.Tensor:
         return x.to(device=device, dtype=torch.int32)
 
-    return TileMeta(dev(tile_seq), dev(tile_blk), dev(torch.tensor([s.q_start for s in seqs])),
-                    dev(q_len), dev(ctx), dev(tables))
+    return TileMeta(dev(tile_seq), dev(tile_blk), group.query_start, group.q_lens, group.seq_lens, group.block_table)
 
 
 @triton.jit
@@ -147,22 +141,22 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, tile_seq_ptr, tile_blk_p
              out.to(o_ptr.dtype.element_ty), mask=qvalid[:, None])
 
 
-def paged_prefill(q: torch.Tensor, kv, batch, block_lists: BlockLists | None = None) -> torch.Tensor:
-    """Causal attention of each sequence's q_len queries over its paged keys [0, context_len).
+def paged_prefill(q: torch.Tensor, kv, group, scale: float, block_lists: BlockLists | None = None) -> torch.Tensor:
+    """Causal attention of each request's q_len queries over its paged keys [0, context_len).
 
-    q: [sum(q_len), Hq, D] (rows per seq.q_start) -> same shape. block_lists=None: dense.
+    q: the group's rows [sum(q_len), Hq, D] -> same shape. block_lists=None: dense.
     """
     hq, d = q.shape[1], q.shape[2]
     assert q.stride(2) == 1 and kv.k.stride() == kv.v.stride() and kv.k.stride(3) == 1
     sparse = block_lists is not None
     block = block_lists.block_size if sparse else DENSE_BLOCK
-    meta = tile_meta(batch, block, q.device)
+    meta = tile_meta(group, block, q.device)
     lists = (block_lists.row_start, block_lists.indptr, block_lists.indices) if sparse else (meta.ctx,) * 3
     out = torch.empty_like(q)
     bm = bn = min(block, 64)
     _prefill_kernel[(meta.tile_seq.numel(), hq, block // bm)](
         q, kv.k, kv.v, out, meta.block_tables, meta.tile_seq, meta.tile_blk, meta.q_start, meta.q_len,
-        meta.ctx, *lists, batch.scale,
+        meta.ctx, *lists, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         meta.block_tables.stride(0),
         GROUP=hq // kv.k.shape[1], PAGE=kv.page_size, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,

@@ -83,12 +83,12 @@ def _score_kernel(q_ptr, k_ptr, bt_ptr, out_ptr, tile_seq_ptr, tile_blk_ptr, q_s
         tl.store(out_row + kb, sums, mask=kb <= blk)
 
 
-def xattn_block_scores(q: torch.Tensor, kv, batch, block_size: int, stride: int, norm: float,
+def xattn_block_scores(q: torch.Tensor, kv, group, block_size: int, stride: int, norm: float,
                        antidiagonal: bool = True) -> list[torch.Tensor]:
     """Block scores per sequence, fp32 [Hq, nqb, nkb] on q's device (see block_scores)."""
     hq, d = q.shape[1], q.shape[2]
-    meta = tile_meta(batch, block_size, q.device)
-    nkb = [-(-s.context_len // block_size) for s in batch.seqs]
+    meta = tile_meta(group, block_size, q.device)
+    nkb = [-(-n // block_size) for n in group.seq_lens_cpu]
     ntiles = meta.tile_seq.numel()
     out = torch.zeros(ntiles, hq, max(nkb), dtype=torch.float32, device=q.device)
     rows = block_size // stride
@@ -102,8 +102,8 @@ def xattn_block_scores(q: torch.Tensor, kv, batch, block_size: int, stride: int,
         QROWS=max(rows, 16), KROWS=krows, HEAD_DIM=d, ANTI=antidiagonal,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     scores, start = [], 0
-    for s, n in zip(batch.seqs, nkb):
-        nqb = n - (s.context_len - s.q_len) // block_size
+    for ctx, q_len, n in zip(group.seq_lens_cpu, group.q_lens_cpu, nkb):
+        nqb = n - (ctx - q_len) // block_size
         scores.append(out[start:start + nqb, :, :n].transpose(0, 1))
         start += nqb
     return scores

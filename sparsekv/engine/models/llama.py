@@ -1,19 +1,19 @@
 """One model for the Llama family: Llama 2/3, Qwen2 (qkv bias), Qwen3 (q/k norm), Mistral.
 
-Parameter names follow the Hugging Face checkpoints so weights load without renaming. The
-attention layer writes new K/V into the paged cache and hands attention to the backends.
+Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused
+(`fuse_checkpoint`). Attention and the FFN go through the seams in sparsekv.attention.context
+and sparsekv.ffn: this file holds no routing code.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparsekv.attention.backend import AttnBatch, BackendParams, SeqAttn, get_backend
-from sparsekv.cache.kv_cache import KVCache
-from sparsekv.engine.outputs import SparsityStats
+from sparsekv.attention.context import Attention
+from sparsekv.ffn.backend import routed_ffn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -94,104 +94,51 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-@dataclass
-class SeqContext:
-    """A sequence's place in the step: the attention layers turn it into SeqAttn per group."""
+class LlamaAttention(nn.Module):
+    """q/k/v projections and rope; attention itself is the seam's job."""
 
-    q_start: int
-    q_len: int
-    context_len: int
-    block_table: torch.Tensor
-    page_runs: tuple[tuple[int, int], ...]  # see SeqAttn.page_runs
-    phase: str
-    routes: list[tuple[str, BackendParams]]  # backend per layer
-    state: dict
-    stats: SparsityStats
-
-
-@dataclass
-class ForwardContext:
-    kv_cache: KVCache
-    slots: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    seqs: list[SeqContext] = field(default_factory=list)
-
-
-class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer, self.num_layers = layer, args.num_layers
         self.h, self.hkv, self.d = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, self.h * self.d, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.hkv * self.d, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.hkv * self.d, bias=args.qkv_bias)
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(self.d, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
-        self.scale = self.d ** -0.5
+        self.attn = Attention(layer)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.h, self.d)
-        k = self.k_proj(x).view(t, self.hkv, self.d)
-        v = self.v_proj(x).view(t, self.hkv, self.d)
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        ctx.kv_cache.write(self.layer, k, v, ctx.slots)
-        return self.o_proj(self._attend(q, ctx).reshape(t, self.h * self.d))
-
-    def _attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Group sequences by (phase, backend) and run each group's backend on its rows."""
-        groups: dict[tuple, list[SeqContext]] = {}
-        for s in ctx.seqs:
-            groups.setdefault((s.phase, *s.routes[self.layer]), []).append(s)
-        kv = ctx.kv_cache.layers[self.layer]
-        whole = len(groups) == 1  # the common case: no row gather or scatter
-        out = None if whole else torch.empty_like(q)
-        for (phase, name, params), members in groups.items():
-            attn, start = [], 0
-            for s in members:
-                attn.append(SeqAttn(q_start=s.q_start if whole else start, q_len=s.q_len,
-                                    context_len=s.context_len, block_table=s.block_table, state=s.state,
-                                    page_runs=s.page_runs))
-                start += s.q_len
-            batch = AttnBatch(phase=phase, layer=self.layer, num_layers=self.num_layers, scale=self.scale, seqs=attn)
-            backend = get_backend(name, params)
-            if whole:
-                out = backend.forward(q, kv, batch)
-            else:
-                rows = torch.cat([torch.arange(s.q_start, s.q_start + s.q_len) for s in members])
-                out[rows] = backend.forward(q[rows], kv, batch)
-            for s, a in zip(members, attn):
-                s.stats.add(phase, a.attended, a.causal_pairs * self.h)
-        return out
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v).reshape(t, self.h * self.d))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.layer = layer
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return routed_ffn(self, x, self.layer)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
+        self.self_attn = LlamaAttention(args, layer)
+        self.mlp = MLP(args, layer)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,6 +148,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+# checkpoint tensors that are slices of one fused parameter: (fused suffix, [checkpoint suffixes])
+STACKED = (("qkv_proj.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight")),
+           ("qkv_proj.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias")),
+           ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight")))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -213,12 +166,25 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_inv_freq(args)  # rebuilt by the loader on the model's device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    @staticmethod
+    def fuse_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hugging Face tensor names -> this model's, concatenating the slices of fused
+        projections (one GEMM for q/k/v and one for gate/up: fewer, larger reads per step)."""
+        out = dict(tensors)
+        for fused, parts in STACKED:
+            for name in [n for n in tensors if n.endswith(parts[0])]:
+                prefix = name[:-len(parts[0])]
+                names = [prefix + p for p in parts]
+                if all(n in out for n in names):
+                    out[prefix + fused] = torch.cat([out.pop(n) for n in names])
+        return out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        ctx.cos, ctx.sin = freqs.cos(), freqs.sin()
+        cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = layer(x, cos, sin)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

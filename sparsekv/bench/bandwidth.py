@@ -1,0 +1,44 @@
+"""The machine's memory read bandwidth, measured in the same run as the figures it bounds."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def read_bandwidth(device: str = "cpu", gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a sum over a float32 tensor far larger than the caches (median of repeats),
+    with torch's threads: the ceiling a memory-bound decode step can reach."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        x.sum()
+        sync()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def cpu_description() -> dict:
+    """CPU model, vector capability and threads, recorded with every benchmark result."""
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    flags: set[str] = set()
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}

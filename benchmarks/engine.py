@@ -1,14 +1,17 @@
-"""Engine throughput on a small model: sparsekv vs transformers.generate, side by side.
+"""Dense engine speed on the default model: sparsekv vs transformers vs the memory-bandwidth limit.
 
-Prefill tokens/s = prompt tokens / time of a 1-token generation; decode tokens/s = extra
-generated tokens / (time of an N-token generation - time of a 1-token one). Median of
---repeats runs each. Writes results/engine.json and results/engine.png.
+Decode: the engine's real step loop (scheduler, model runner, attention, sampler) over a KV cache
+filled with random values, so a 16K x 16 batch needs no hours of prefill; transformers runs its
+forward + greedy pick with a DynamicCache filled the same way (what `generate` does per token).
+The limit of a step is (weight bytes + KV bytes read) / the read bandwidth measured in this run.
+Prefill: one real prompt through each. Medians of --repeats; writes results/engine.json + .png.
 
-    python benchmarks/engine.py [--model DIR] [--prompt-len 512] [--output-len 64] [--repeats 3]
+    python benchmarks/engine.py [--model PATH] [--contexts 4096,16384] [--batches 1,16]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -19,15 +22,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_model(path: Path) -> str:
-    """A random 4-layer, 256-wide Llama with GQA, when no model directory is given."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny_model import build_model
-    return str(build_model(path, "llama", layers=4, hidden=256, heads=8, kv_heads=4))
-
-
-def timed(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -37,72 +32,164 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_sparsekv(model: str, prompts: list[list[int]], out_len: int, repeats: int, dtype: str) -> tuple[float, float]:
+def sparsekv_engine(model: str, dtype: str, batch: int, context: int, steps: int):
+    from sparsekv.cache.kv_cache import KVCache
+    from sparsekv.config import EngineConfig
+    from sparsekv.engine.llm_engine import LLMEngine
+
+    from sparsekv.engine.loader import read_config
+    cfg = read_config(model)
+    per_page = KVCache.bytes_per_page(cfg["num_hidden_layers"], 16, cfg["num_key_value_heads"],
+                                      cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                                      getattr(torch, dtype))
+    pages = batch * (-(-(context + steps * 4 + 16) // 16)) + 8
+    return LLMEngine(EngineConfig(model=model, dtype=dtype, max_model_len=context + steps * 4 + 16,
+                                  max_num_seqs=batch, kv_cache_memory=pages * per_page, enable_prefix_caching=False))
+
+
+def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int, repeats: int) -> dict:
+    """Seconds per decode step of the engine, batch sequences of `context` cached tokens."""
+    from sparsekv.engine.sampling_params import SamplingParams
+    from sparsekv.engine.sequence import Sequence, SequenceStatus
+
+    engine = sparsekv_engine(model, dtype, batch, context, steps)
+    for kv in engine.runner.kv_cache.layers:
+        kv.k.normal_(0, 1)
+        kv.v.normal_(0, 1)
+    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(batch):  # as if prefilled: pages allocated, all prompt tokens computed
+        ids = torch.randint(100, 1000, (context,), generator=g).tolist()
+        seq = Sequence(str(i), 0, ids, params, engine.config.sparsity)
+        assert engine.block_manager.allocate(seq, context)
+        seq.num_computed_tokens = context
+        seq.token_ids.append(ids[-1])
+        seq.status = SequenceStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        engine.requests[str(i)] = [seq]
+
+    def run() -> None:
+        for _ in range(steps):
+            engine.step()
+    step = median_time(run, repeats) / steps
+    del engine
+    gc.collect()
+    return {"step_s": step, "tok_s": batch / step}
+
+
+def transformers_decode(model, batch: int, context: int, steps: int, repeats: int, dtype) -> dict:
+    from transformers import DynamicCache
+
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+
+    def fresh_cache() -> DynamicCache:
+        cache = DynamicCache()
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(torch.randn(batch, hkv, context, d, dtype=dtype), torch.randn(batch, hkv, context, d, dtype=dtype),
+                         layer)
+        return cache
+
+    times = []
+    for r in range(repeats + 1):
+        cache = fresh_cache()
+        tok = torch.randint(100, 1000, (batch, 1))
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(steps):
+                pos = torch.full((batch, 1), context + s)
+                logits = model(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True).logits
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+        if r:
+            times.append((time.perf_counter() - t) / steps)
+        del cache
+        gc.collect()
+    step = statistics.median(times)
+    return {"step_s": step, "tok_s": batch / step}
+
+
+def prefill_rates(model_path: str, hf_model, dtype: str, context: int, repeats: int) -> dict:
     from sparsekv import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_model_len=len(prompts[0]) + out_len + 8, max_num_seqs=len(prompts),
-              max_num_batched_tokens=max(2048, len(prompts[0])), enable_prefix_caching=False)
-    run = lambda n: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-    t1, tn = timed(lambda: run(1), repeats), timed(lambda: run(out_len), repeats)
-    return len(prompts) * len(prompts[0]) / t1, len(prompts) * (out_len - 1) / (tn - t1)
-
-
-def bench_transformers(model: str, prompts: list[list[int]], out_len: int, repeats: int, dtype: str) -> tuple[float, float]:
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor(prompts)
-
-    def run(n: int) -> None:
-        with torch.inference_mode():
-            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-    t1, tn = timed(lambda: run(1), repeats), timed(lambda: run(out_len), repeats)
-    return len(prompts) * len(prompts[0]) / t1, len(prompts) * (out_len - 1) / (tn - t1)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model dir (default: a random 4-layer 256-wide Llama)")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--output", default=str(RESULTS / "engine.json"))
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    model = args.model or make_model(Path("/tmp/sparsekv-bench-model"))
-    rows = []
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
-        prompts = torch.randint(10, 300, (bs, args.prompt_len)).tolist()
-        for name, fn in (("sparsekv", bench_sparsekv), ("transformers", bench_transformers)):
-            pre, dec = fn(model, prompts, args.output_len, args.repeats, args.dtype)
-            rows.append({"engine": name, "batch": bs, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1)})
-            print(rows[-1], flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": "cpu", "model": model, "dtype": args.dtype, "prompt_len": args.prompt_len,
-                               "output_len": args.output_len, "repeats": args.repeats, "rows": rows}, indent=1))
-    plot(rows, out.with_suffix(".png"))
+    ids = torch.randint(100, 1000, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = LLM(model_path, dtype=dtype, max_model_len=context + 8, max_num_seqs=1, max_num_batched_tokens=context,
+              enable_prefix_caching=False)
+    ours = median_time(lambda: llm.generate([ids], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False),
+                       repeats)
+    del llm
+    gc.collect()
+    with torch.inference_mode():
+        theirs = median_time(lambda: hf_model(input_ids=torch.tensor([ids]), use_cache=True), repeats)
+    return {"sparsekv_tok_s": context / ours, "transformers_tok_s": context / theirs}
 
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ("prefill_tok_s", "decode_tok_s")):
-        batches = sorted({r["batch"] for r in rows})
-        for i, eng in enumerate(("sparsekv", "transformers")):
-            vals = [next(r[key] for r in rows if r["engine"] == eng and r["batch"] == b) for b in batches]
-            ax.bar([j + 0.4 * i for j in range(len(batches))], vals, width=0.4, label=eng)
-        ax.set_xticks([j + 0.2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set_title(key.replace("_", " "))
-    axes[0].legend()
+    decode = [r for r in rows if r["phase"] == "decode"]
+    labels = [f"b{r['batch']} {r['context'] // 1024}K" for r in decode]
+    x = range(len(decode))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.27
+    ax.bar([i - w for i in x], [r["sparsekv_tok_s"] for r in decode], w, label="sparsekv")
+    ax.bar(list(x), [r["transformers_tok_s"] for r in decode], w, label="transformers")
+    ax.bar([i + w for i in x], [r["limit_tok_s"] for r in decode], w, label="bandwidth limit", color="grey")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sparsekv.bench.bandwidth import cpu_description, read_bandwidth
+    from sparsekv.config import EngineConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=EngineConfig().model, help="HF directory or .gguf (default: the default model)")
+    p.add_argument("--hf-model", default=None, help="HF directory for transformers (default: --model)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--contexts", default="4096,16384")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--steps", type=int, default=6, help="decode steps per timed run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefill", default="4096,16384", help="prefill lengths ('' to skip)")
+    p.add_argument("--output", default=str(RESULTS / "engine.json"))
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    hf_dir = args.hf_model or args.model
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    cfg = hf.config
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in hf.parameters()}.values())
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * dtype.itemsize
+    bandwidth = read_bandwidth()
+    result = {**cpu_description(), "model": args.model, "dtype": args.dtype, "read_bandwidth_gbs": bandwidth / 1e9,
+              "weight_bytes": weight_bytes, "rows": []}
+    for b in [int(x) for x in args.batches.split(",")]:
+        for ctx in [int(x) for x in args.contexts.split(",")]:
+            ours = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats)
+            theirs = transformers_decode(hf, b, ctx, args.steps, args.repeats, dtype)
+            limit = (weight_bytes + b * ctx * kv_per_token) / bandwidth
+            row = {"phase": "decode", "batch": b, "context": ctx, "sparsekv_tok_s": ours["tok_s"],
+                   "transformers_tok_s": theirs["tok_s"], "limit_tok_s": b / limit,
+                   "sparsekv_vs_limit": ours["step_s"] / limit, "sparsekv_vs_transformers": theirs["step_s"] / ours["step_s"]}
+            result["rows"].append(row)
+            print(json.dumps(row))
+            Path(args.output).write_text(json.dumps(result, indent=2))
+    for ctx in [int(x) for x in args.prefill.split(",") if x]:
+        row = {"phase": "prefill", "batch": 1, "context": ctx, **prefill_rates(args.model, hf, args.dtype, ctx, args.repeats)}
+        result["rows"].append(row)
+        print(json.dumps(row))
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    plot(result["rows"], Path(args.output).with_suffix(".png"))
 
 
 if __name__ == "__main__":

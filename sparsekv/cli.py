@@ -12,7 +12,7 @@ import sys
 
 SUBCOMMANDS = {
     "serve": ("sparsekv.api.server", "OpenAI-compatible HTTP server"),
-    "generate": ("sparsekv.engine.generate_cli", "offline batch generation over JSONL"),
+    "generate": ("sparsekv.generate", "offline batch generation over JSONL"),
     "eval": ("sparsekv.eval.cli", "long-context eval (RULER-style), dense vs sparse"),
     "calibrate": ("sparsekv.calibrate", "propose per-model parameters for a sparse method"),
 }

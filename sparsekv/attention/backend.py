@@ -49,6 +49,9 @@ class BackendParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check_model(self, shape: AttnShape) -> None:
+        """Raise ValueError where the params do not fit the model (e.g. a layer it lacks)."""
+
 
 class AttentionBackend:
     """Subclass, set `name`, `device`, `phases`, `Params` (and `kv_spec`), implement

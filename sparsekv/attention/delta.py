@@ -39,6 +39,11 @@ class DeltaParams(BackendParams):
                              f"({self.recent_pages}) pages of {self.page_size} tokens")
         return self
 
+    def check_model(self, shape: AttnShape) -> None:
+        bad = [x for x in self.delta_layers or () if not 0 <= x < shape.num_layers]
+        if bad:
+            raise ValueError(f"delta: delta_layers {bad} are not layers of this {shape.num_layers}-layer model")
+
 
 def default_delta_layers(num_layers: int) -> tuple[int, ...]:
     """Every 8th layer from layer 2, the first after the default dense layers [0, 1]:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+GROWTH = 16  # pages kept free after a live sequence's last page, for its decode to grow into
+
+
 class PagedSequence(Protocol):
     token_ids: list[int]
     num_prompt_tokens: int
@@ -37,6 +40,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
+        self.reserved: dict[int, int] = {}  # page after a live sequence's last page -> that last page
         self.prefix_queries = 0  # tokens looked up, as vLLM counts them
         self.prefix_hits = 0
 
@@ -86,17 +90,44 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free[b]
             block.ref_count += 1
+        old_tail = seq.block_table[-1] if seq.block_table else None
         seq.block_table.extend(hits)
         seq.num_computed_tokens += len(hits) * self.block_size
         seq.num_hashed_blocks = len(seq.block_table)
         for _ in range(need):
-            bid, _ = self.free.popitem(last=False)  # least recently freed first
+            bid = self._next_page(seq.block_table[-1] if seq.block_table else None)
             block = self.blocks[bid]
             if block.hash is not None and self.cached.get(block.hash) == bid:
                 del self.cached[block.hash]
             block.hash, block.token_ids, block.ref_count = None, (), 1
             seq.block_table.append(bid)
+        self._move_tail(old_tail, seq.block_table[-1] if seq.block_table else None)
         return True
+
+    def _next_page(self, last: int | None, scan: int = 64) -> int:
+        """The page after `last` if it is free and holds no cached prefix; else the least
+        recently freed page that is not reserved for another sequence's growth."""
+        nxt = None if last is None else last + 1
+        if nxt is not None and nxt in self.free and self.blocks[nxt].hash is None:
+            del self.free[nxt]
+            return nxt
+        for i, bid in enumerate(self.free):
+            if bid not in self.reserved or i >= scan:
+                del self.free[bid]
+                return bid
+        return self.free.popitem(last=False)[0]
+
+    def _move_tail(self, old: int | None, new: int | None) -> None:
+        """A sequence's last page went from `old` to `new`: move its growth reservation (the
+        GROWTH pages after its tail, which fresh sequences skip)."""
+        for tail, keep in ((old, False), (new, True)):
+            if tail is None:
+                continue
+            for p in range(tail + 1, tail + 1 + GROWTH):
+                if keep:
+                    self.reserved.setdefault(p, tail)
+                elif self.reserved.get(p) == tail:
+                    del self.reserved[p]
 
     def cache_full_blocks(self, seq: PagedSequence) -> None:
         """Register seq's prompt pages that became full of computed tokens in the prefix cache."""
@@ -120,5 +151,6 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[bid] = None
+        self._move_tail(seq.block_table[-1] if seq.block_table else None, None)
         seq.block_table.clear()
         seq.num_hashed_blocks = 0

@@ -45,6 +45,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         self.eos_ids = load_eos_ids(config.model, self.tokenizer)
         self.runner = ModelRunner(self.config, max_len)
+        self.runner.check_sparsity(self.config.sparsity)
         self.vocab_size = self.runner.model.args.vocab_size
         self.block_manager = BlockManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -74,6 +75,7 @@ class LLMEngine:
                 sp = self.config.sparsity.merged(sparsity)
             except Exception as e:  # pydantic's ValidationError: reworded for the user
                 raise ValueError(f"invalid sparsity config: {e}") from None
+        self.runner.check_sparsity(sp)
         text = prompt if isinstance(prompt, str) else None
         seqs = [Sequence(request_id, i, list(ids), params, sp, prompt=text) for i in range(params.n)]
         self.requests[request_id] = seqs

@@ -96,6 +96,16 @@ class ModelRunner:
         self._routes[key] = (sp, routes)
         return routes
 
+    def check_sparsity(self, sp: SparsityConfig) -> None:
+        """Raise ValueError for a config that does not fit this model or device."""
+        n = self.shape.num_layers
+        bad = [x for x in sp.dense_layers if not 0 <= x < n]
+        if bad:
+            raise ValueError(f"dense_layers {bad} are not layers of this {n}-layer model")
+        for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
+            backend_class(spec.method, self.device.type)
+            spec.params(phase).check_model(self.shape)
+
     def slot(self, seq: Sequence) -> int:
         """The request slot of a running sequence (backend state is indexed by it)."""
         if seq.slot is None:

@@ -1,0 +1,117 @@
+"""Compiled CPU paged decode kernel against the machine's read bandwidth and the PyTorch path.
+
+Decode attention is a read of the whole K/V context per token, so the yardstick is memory
+bandwidth, measured here as torch.sum over a 1 GiB fp32 tensor (median of 5). One layer of
+SmolLM2-135M (Hq 9, Hkv 3, D 64, page 16) in a head-major pool of consecutive pages; the
+kernel serves the batch in one call, the PyTorch reference loops over sequences with
+matmul-softmax-matmul over in-place views of the pool.
+
+    python benchmarks/cpu_decode_kernel.py [--contexts 4096,16384] [--batches 1,16] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsekv.attention.kernels.cpu_decode import available, paged_decode_cpu
+
+HQ, HKV, D, PS = 9, 3, 64, 16
+
+
+def median_s(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_bandwidth() -> float:
+    """GB/s of a sum over 1 GiB of fp32 (torch's reduction, all threads)."""
+    x = torch.ones(1 << 28)
+    seconds = median_s(x.sum, 5)
+    del x
+    return (1 << 30) / seconds / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+
+
+def reference(q: torch.Tensor, k_hm: torch.Tensor, v_hm: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    """Per sequence b (pages [b*n, (b+1)*n) of the head-major pool): GQA matmul-softmax-matmul."""
+    n = ctx // PS
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        keys = k_hm[:, b * n:(b + 1) * n].reshape(HKV, ctx, D)  # views, no copy
+        vals = v_hm[:, b * n:(b + 1) * n].reshape(HKV, ctx, D)
+        logits = torch.matmul(q[b].view(HKV, HQ // HKV, D), keys.transpose(1, 2)) * scale
+        out[b] = torch.matmul(logits.softmax(-1), vals).view(HQ, D)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="4096,16384")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "cpu_decode_kernel.json"))
+    args = ap.parse_args()
+    if not available():
+        raise SystemExit("the CPU decode kernel did not build here (see the log)")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth:.1f} GB/s ({args.threads} threads)")
+    rows = []
+    scale = D ** -0.5
+    for ctx in (int(x) for x in args.contexts.split(",")):
+        for batch in (int(x) for x in args.batches.split(",")):
+            n = ctx // PS
+            k_hm, v_hm = (torch.randn(HKV, batch * n, PS, D).to(dtype) for _ in range(2))
+            k, v = k_hm.transpose(0, 1), v_hm.transpose(0, 1)  # [pages, Hkv, page, D] views
+            block_table = torch.arange(batch * n, dtype=torch.int32).view(batch, n)
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+            q = torch.randn(batch, HQ, D).to(dtype)
+            kernel_s = median_s(lambda: paged_decode_cpu(q, k, v, block_table, seq_lens, scale), args.repeats)
+            ref_s = median_s(lambda: reference(q, k_hm, v_hm, ctx, scale), max(3, args.repeats // 4))
+            err = (paged_decode_cpu(q, k, v, block_table, seq_lens, scale).float()
+                   - reference(q, k_hm, v_hm, ctx, scale).float()).abs().max().item()
+            kv_bytes = 2 * batch * ctx * HKV * D * k.element_size()
+            gbps = kv_bytes / kernel_s / 1e9
+            row = {"context": ctx, "batch": batch, "kv_bytes": kv_bytes, "kernel_ms": round(kernel_s * 1e3, 3),
+                   "kernel_gbps": round(gbps, 2), "ratio_to_bandwidth": round(gbps / bandwidth, 3),
+                   "pytorch_ms": round(ref_s * 1e3, 3), "speedup_vs_pytorch": round(ref_s / kernel_s, 2),
+                   "max_abs_diff": err}
+            rows.append(row)
+            print(row)
+            del k_hm, v_hm, k, v
+    result = {
+        "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads, "dtype": args.dtype, "read_bandwidth_gbps": round(bandwidth, 2),
+        "read_bandwidth_after_gbps": round(read_bandwidth(), 2), "load_average": os.getloadavg(),
+        "shapes": {"hq": HQ, "hkv": HKV, "head_dim": D, "page_size": PS}, "repeats": args.repeats,
+        "torch": torch.__version__, "rows": rows,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,11 @@ Decode attention is a read of the whole K/V context per token, so the yardstick 
 bandwidth, measured here as torch.sum over a 1 GiB fp32 tensor (median of 5). One layer of
 SmolLM2-135M (Hq 9, Hkv 3, D 64, page 16) in a head-major pool of consecutive pages; the
 kernel serves the batch in one call, the PyTorch reference loops over sequences with
-matmul-softmax-matmul over in-place views of the pool.
+matmul-softmax-matmul over in-place views of the pool. On a shared host the 1 GiB figure and
+the kernel see different neighbours, so each case also times torch.sum over the same K/V
+bytes in turn with the kernel (ratio_to_sum_same_bytes).
 
-    python benchmarks/cpu_decode_kernel.py [--contexts 4096,16384] [--batches 1,16] [--threads 2]
+    python benchmarks/cpu_decode_kernel.py [--contexts 4096,16384] [--batches 1,16] [--threads 1,2]
 """
 from __future__ import annotations
 
@@ -24,20 +26,34 @@ from sparsekv.attention.kernels.cpu_decode import available, paged_decode_cpu
 HQ, HKV, D, PS = 9, 3, 64, 16
 
 
-def median_s(fn, repeats: int) -> float:
+def timings_s(fn, repeats: int) -> list[float]:
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def interleaved_s(fn, baseline, repeats: int) -> tuple[list[float], list[float]]:
+    """Times of fn and of baseline taken in turn, so both see the same load on a shared host."""
+    fn(), baseline()
+    times, base = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        baseline()
+        base.append(time.perf_counter() - t)
+    return times, base
 
 
 def read_bandwidth() -> float:
     """GB/s of a sum over 1 GiB of fp32 (torch's reduction, all threads)."""
     x = torch.ones(1 << 28)
-    seconds = median_s(x.sum, 5)
+    seconds = statistics.median(timings_s(x.sum, 5))
     del x
     return (1 << 30) / seconds / 1e9
 
@@ -62,48 +78,54 @@ def reference(q: torch.Tensor, k_hm: torch.Tensor, v_hm: torch.Tensor, ctx: int,
     return out
 
 
+def run_case(ctx: int, batch: int, dtype: torch.dtype, repeats: int, bandwidth: float) -> dict:
+    """One layer's pool of `batch` sequences of `ctx` tokens on consecutive pages."""
+    n, scale = ctx // PS, D ** -0.5
+    k_hm, v_hm = (torch.randn(HKV, batch * n, PS, D).to(dtype) for _ in range(2))
+    k, v = k_hm.transpose(0, 1), v_hm.transpose(0, 1)  # [pages, Hkv, page, D] views
+    block_table = torch.arange(batch * n, dtype=torch.int32).view(batch, n)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+    q = torch.randn(batch, HQ, D).to(dtype)
+    times, sum_times = interleaved_s(lambda: paged_decode_cpu(q, k, v, block_table, seq_lens, scale),
+                                     lambda: (k_hm.sum(), v_hm.sum()), repeats)
+    kernel_s, sum_s = statistics.median(times), statistics.median(sum_times)
+    ref_s = statistics.median(timings_s(lambda: reference(q, k_hm, v_hm, ctx, scale), max(3, repeats // 4)))
+    err = (paged_decode_cpu(q, k, v, block_table, seq_lens, scale).float()
+           - reference(q, k_hm, v_hm, ctx, scale).float()).abs().max().item()
+    kv_bytes = 2 * batch * ctx * HKV * D * k.element_size()
+    gbps = kv_bytes / kernel_s / 1e9
+    return {"threads": torch.get_num_threads(), "context": ctx, "batch": batch, "kv_bytes": kv_bytes,
+            "kernel_ms": round(kernel_s * 1e3, 3), "kernel_min_ms": round(min(times) * 1e3, 3),
+            "kernel_gbps": round(gbps, 2), "ratio_to_bandwidth": round(gbps / bandwidth, 3),
+            "sum_same_bytes_ms": round(sum_s * 1e3, 3), "ratio_to_sum_same_bytes": round(sum_s / kernel_s, 3),
+            "pytorch_ms": round(ref_s * 1e3, 3), "speedup_vs_pytorch": round(ref_s / kernel_s, 2),
+            "max_abs_diff": err}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="4096,16384")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="thread counts, comma-separated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "cpu_decode_kernel.json"))
     args = ap.parse_args()
     if not available():
         raise SystemExit("the CPU decode kernel did not build here (see the log)")
-    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth {bandwidth:.1f} GB/s ({args.threads} threads)")
-    rows = []
-    scale = D ** -0.5
-    for ctx in (int(x) for x in args.contexts.split(",")):
-        for batch in (int(x) for x in args.batches.split(",")):
-            n = ctx // PS
-            k_hm, v_hm = (torch.randn(HKV, batch * n, PS, D).to(dtype) for _ in range(2))
-            k, v = k_hm.transpose(0, 1), v_hm.transpose(0, 1)  # [pages, Hkv, page, D] views
-            block_table = torch.arange(batch * n, dtype=torch.int32).view(batch, n)
-            seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
-            q = torch.randn(batch, HQ, D).to(dtype)
-            kernel_s = median_s(lambda: paged_decode_cpu(q, k, v, block_table, seq_lens, scale), args.repeats)
-            ref_s = median_s(lambda: reference(q, k_hm, v_hm, ctx, scale), max(3, args.repeats // 4))
-            err = (paged_decode_cpu(q, k, v, block_table, seq_lens, scale).float()
-                   - reference(q, k_hm, v_hm, ctx, scale).float()).abs().max().item()
-            kv_bytes = 2 * batch * ctx * HKV * D * k.element_size()
-            gbps = kv_bytes / kernel_s / 1e9
-            row = {"context": ctx, "batch": batch, "kv_bytes": kv_bytes, "kernel_ms": round(kernel_s * 1e3, 3),
-                   "kernel_gbps": round(gbps, 2), "ratio_to_bandwidth": round(gbps / bandwidth, 3),
-                   "pytorch_ms": round(ref_s * 1e3, 3), "speedup_vs_pytorch": round(ref_s / kernel_s, 2),
-                   "max_abs_diff": err}
-            rows.append(row)
-            print(row)
-            del k_hm, v_hm, k, v
+    bandwidths, rows = {}, []
+    for threads in sorted({int(x) for x in args.threads.split(",")}):
+        torch.set_num_threads(threads)
+        bandwidths[threads] = round(read_bandwidth(), 2)
+        print(f"read bandwidth {bandwidths[threads]:.1f} GB/s ({threads} threads)")
+        for ctx in (int(x) for x in args.contexts.split(",")):
+            for batch in (int(x) for x in args.batches.split(",")):
+                rows.append(run_case(ctx, batch, dtype, args.repeats, bandwidths[threads]))
+                print(rows[-1])
     result = {
         "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": args.threads, "dtype": args.dtype, "read_bandwidth_gbps": round(bandwidth, 2),
-        "read_bandwidth_after_gbps": round(read_bandwidth(), 2), "load_average": os.getloadavg(),
+        "dtype": args.dtype, "read_bandwidth_gbps": bandwidths, "load_average": os.getloadavg(),
         "shapes": {"hq": HQ, "hkv": HKV, "head_dim": D, "page_size": PS}, "repeats": args.repeats,
         "torch": torch.__version__, "rows": rows,
     }

@@ -6,8 +6,8 @@
 // counter, so sequences of unequal length still balance. The GQA group's G query heads
 // share every key/value row load. Inner loops run over the head dim D, a template
 // parameter, so gcc vectorises them at -O3 -ffast-math; bf16 rows widen to fp32 on load.
-// Registered as torch.ops.sparsekv_cpu.paged_decode; only light ATen headers, so the JIT
-// build takes seconds rather than the half minute torch/extension.h costs.
+// A torch op (torch.ops.sparsekv_cpu.paged_decode) with light ATen headers: the JIT build
+// takes seconds, where torch/extension.h alone costs half a minute.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,10 +26,9 @@ namespace {
 
 constexpr int64_t kItemsPerThread = 8;  // enough items that dynamic scheduling balances
 constexpr int64_t kMinSplitTokens = 256;  // below this the merge costs more than it saves
-constexpr int64_t kMergeGrain = 64;  // (sequence, KV head) groups per merge task: a small merge
-                                     // runs inline rather than waking the pool a second time
-constexpr int kMaxG = 32;
-constexpr int kMaxPageSize = 256;
+constexpr int64_t kMergeGrain = 64;  // (sequence, KV head) groups per merge task: runs inline when small
+constexpr int kPrefetchPages = 2;  // how far ahead rows are requested (two pages ~ 1 us of work)
+constexpr int kMaxG = 32, kMaxPageSize = 256;
 constexpr float kEmpty = -1e30f;  // running max before any token (finite: exp() gives 0)
 
 inline float widen(float x) { return x; }
@@ -92,23 +91,19 @@ inline int64_t find_page(const Params<T>& p, const Item& it, int i, int64_t len,
   return phys >= 0 && phys < p.num_pages ? phys : kBadPage;
 }
 
-// Request the next page's key and value rows while this one is computed: a fragmented block
-// table jumps where the hardware prefetcher cannot follow.
+// Row t of a page kPrefetchPages ahead is requested beside row t of this one: memory stays busy
+// during the arithmetic, also where a fragmented block table defeats the hardware prefetcher.
 template <typename T, int D>
-inline void prefetch_page(const Params<T>& p, int64_t h, int64_t phys, int n) {
-  const char* kp = reinterpret_cast<const char*>(p.k + phys * p.sk_p + h * p.sk_h);
-  const char* vp = reinterpret_cast<const char*>(p.v + phys * p.sv_p + h * p.sv_h);
-  for (int t = 0; t < n; ++t) {
-    for (int off = 0; off < D * static_cast<int>(sizeof(T)); off += 64) {
-      __builtin_prefetch(kp + t * p.sk_t * sizeof(T) + off);
-      __builtin_prefetch(vp + t * p.sv_t * sizeof(T) + off);
-    }
-  }
+inline void prefetch_row(const T* row) {
+  if (!row) return;
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < D * static_cast<int>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
 }
 
 // Online softmax of one item's pages; acc [G, D] unnormalised, m/l [G] max and sum.
 template <typename T, int D>
-bool run_item(const Params<T>& p, const Item& it, float* acc, float* m, float* l) {
+bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float* __restrict__ m,
+              float* __restrict__ l) {
   const int G = p.G;
   const int64_t len = p.lens[it.b];
   alignas(64) float qf[kMaxG * D];
@@ -122,21 +117,21 @@ bool run_item(const Params<T>& p, const Item& it, float* acc, float* m, float* l
     l[g] = 0.f;
   }
   bool ok = true;
-  int n = 0, n_next = 0;
-  int64_t next = find_page(p, it, it.lo, len, n_next);
   for (int i = it.lo; i < it.hi; ++i) {
-    const int64_t phys = next;
-    n = n_next;
-    next = i + 1 < it.hi ? find_page(p, it, i + 1, len, n_next) : -1;
-    if (next >= 0) prefetch_page<T, D>(p, it.h, next, n_next);
+    int n = 0, n_ahead = 0;
+    const int64_t phys = find_page(p, it, i, len, n);
     if (phys == kBadPage) ok = false;
     if (phys < 0) continue;
+    const int64_t ahead = i + kPrefetchPages < it.hi ? find_page(p, it, i + kPrefetchPages, len, n_ahead) : kSkipPage;
+    const T* kpf = ahead >= 0 ? p.k + ahead * p.sk_p + it.h * p.sk_h : nullptr;
+    const T* vpf = ahead >= 0 ? p.v + ahead * p.sv_p + it.h * p.sv_h : nullptr;
     const T* kp = p.k + phys * p.sk_p + it.h * p.sk_h;
     const T* vp = p.v + phys * p.sv_p + it.h * p.sv_h;
     for (int t = 0; t < n; ++t) {
-      const float* kr = row_f32<T, D>(kp + t * p.sk_t, kbuf);
+      prefetch_row<T, D>(t < n_ahead ? kpf + t * p.sk_t : nullptr);
+      const float* __restrict__ kr = row_f32<T, D>(kp + t * p.sk_t, kbuf);
       for (int g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
+        const float* __restrict__ qg = qf + g * D;
         float a = 0.f;
         for (int d = 0; d < D; ++d) a += qg[d] * kr[d];
         s[g * kMaxPageSize + t] = a;
@@ -159,10 +154,11 @@ bool run_item(const Params<T>& p, const Item& it, float* acc, float* m, float* l
       }
     }
     for (int t = 0; t < n; ++t) {
-      const float* vr = row_f32<T, D>(vp + t * p.sv_t, vbuf);
+      prefetch_row<T, D>(t < n_ahead ? vpf + t * p.sv_t : nullptr);
+      const float* __restrict__ vr = row_f32<T, D>(vp + t * p.sv_t, vbuf);
       for (int g = 0; g < G; ++g) {
         const float w = s[g * kMaxPageSize + t];
-        float* ag = acc + g * D;
+        float* __restrict__ ag = acc + g * D;
         for (int d = 0; d < D; ++d) ag[d] += w * vr[d];
       }
     }

@@ -6,7 +6,8 @@ SmolLM2-135M (Hq 9, Hkv 3, D 64, page 16) in a head-major pool of consecutive pa
 kernel serves the batch in one call, the PyTorch reference loops over sequences with
 matmul-softmax-matmul over in-place views of the pool. On a shared host the 1 GiB figure and
 the kernel see different neighbours, so each case also times torch.sum over the same K/V
-bytes in turn with the kernel (ratio_to_sum_same_bytes).
+bytes in turn with the kernel (ratio_to_sum_same_bytes), and with one thread also compares
+CPU times (ratio_cpu_time), which leave out the time the process waits for a core.
 
     python benchmarks/cpu_decode_kernel.py [--contexts 4096,16384] [--batches 1,16] [--threads 1,2]
 """
@@ -36,18 +37,18 @@ def timings_s(fn, repeats: int) -> list[float]:
     return times
 
 
-def interleaved_s(fn, baseline, repeats: int) -> tuple[list[float], list[float]]:
-    """Times of fn and of baseline taken in turn, so both see the same load on a shared host."""
+def interleaved_s(fn, baseline, repeats: int) -> dict[str, list[float]]:
+    """Wall and this thread's CPU times of fn and of baseline taken in turn, so both see the same
+    load on a shared host; with one thread the CPU times also leave out time spent descheduled."""
     fn(), baseline()
-    times, base = [], []
+    times: dict[str, list[float]] = {"wall": [], "cpu": [], "base_wall": [], "base_cpu": []}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        baseline()
-        base.append(time.perf_counter() - t)
-    return times, base
+        for f, prefix in ((fn, ""), (baseline, "base_")):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            f()
+            times[prefix + "cpu"].append(time.thread_time() - cpu)
+            times[prefix + "wall"].append(time.perf_counter() - wall)
+    return times
 
 
 def read_bandwidth() -> float:
@@ -86,20 +87,25 @@ def run_case(ctx: int, batch: int, dtype: torch.dtype, repeats: int, bandwidth: 
     block_table = torch.arange(batch * n, dtype=torch.int32).view(batch, n)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, HQ, D).to(dtype)
-    times, sum_times = interleaved_s(lambda: paged_decode_cpu(q, k, v, block_table, seq_lens, scale),
-                                     lambda: (k_hm.sum(), v_hm.sum()), repeats)
-    kernel_s, sum_s = statistics.median(times), statistics.median(sum_times)
+    t = interleaved_s(lambda: paged_decode_cpu(q, k, v, block_table, seq_lens, scale),
+                      lambda: (k_hm.sum(), v_hm.sum()), repeats)
+    kernel_s, sum_s = statistics.median(t["wall"]), statistics.median(t["base_wall"])
     ref_s = statistics.median(timings_s(lambda: reference(q, k_hm, v_hm, ctx, scale), max(3, repeats // 4)))
     err = (paged_decode_cpu(q, k, v, block_table, seq_lens, scale).float()
            - reference(q, k_hm, v_hm, ctx, scale).float()).abs().max().item()
     kv_bytes = 2 * batch * ctx * HKV * D * k.element_size()
     gbps = kv_bytes / kernel_s / 1e9
-    return {"threads": torch.get_num_threads(), "context": ctx, "batch": batch, "kv_bytes": kv_bytes,
-            "kernel_ms": round(kernel_s * 1e3, 3), "kernel_min_ms": round(min(times) * 1e3, 3),
-            "kernel_gbps": round(gbps, 2), "ratio_to_bandwidth": round(gbps / bandwidth, 3),
-            "sum_same_bytes_ms": round(sum_s * 1e3, 3), "ratio_to_sum_same_bytes": round(sum_s / kernel_s, 3),
-            "pytorch_ms": round(ref_s * 1e3, 3), "speedup_vs_pytorch": round(ref_s / kernel_s, 2),
-            "max_abs_diff": err}
+    row = {"threads": torch.get_num_threads(), "context": ctx, "batch": batch, "kv_bytes": kv_bytes,
+           "kernel_ms": round(kernel_s * 1e3, 3), "kernel_min_ms": round(min(t["wall"]) * 1e3, 3),
+           "kernel_gbps": round(gbps, 2), "ratio_to_bandwidth": round(gbps / bandwidth, 3),
+           "sum_same_bytes_ms": round(sum_s * 1e3, 3), "ratio_to_sum_same_bytes": round(sum_s / kernel_s, 3),
+           "pytorch_ms": round(ref_s * 1e3, 3), "speedup_vs_pytorch": round(ref_s / kernel_s, 2),
+           "max_abs_diff": err}
+    if torch.get_num_threads() == 1:
+        cpu_s, sum_cpu_s = statistics.median(t["cpu"]), statistics.median(t["base_cpu"])
+        row.update(kernel_cpu_ms=round(cpu_s * 1e3, 3), kernel_cpu_gbps=round(kv_bytes / cpu_s / 1e9, 2),
+                   sum_same_bytes_cpu_ms=round(sum_cpu_s * 1e3, 3), ratio_cpu_time=round(sum_cpu_s / cpu_s, 3))
+    return row
 
 
 def main() -> None:

@@ -148,3 +148,14 @@ def test_empty_sequence_and_dispatch_guard():
     check(out, want, torch.float32)
     torch.testing.assert_close(lse, want_lse)
     assert cpu_decode.supports(q) and not cpu_decode.supports(q[..., :48])
+
+
+def test_matches_engine_dense_decode():
+    """On the engine's own KVCache and block tables, the same output as the dense PyTorch path."""
+    from decode_cases import dense_out, make_case as engine_case
+
+    case = engine_case([300, 40, 177, 16], hq=6, hkv=3, d=32)
+    bt = torch.nn.utils.rnn.pad_sequence(case.tables, batch_first=True).to(torch.int32)
+    lens = torch.tensor(case.lens, dtype=torch.int32)
+    out = cpu_decode.paged_decode_cpu(case.q, case.kv.k, case.kv.v, bt, lens, case.scale)
+    check(out, dense_out(case).float(), torch.float32)

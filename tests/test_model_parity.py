@@ -17,6 +17,7 @@ ARCHS = {
     "qwen3": {},
     "mistral": {},
     "tied": {"tie": True},
+    "head_dim_64": {"hidden": 192, "heads": 3, "kv_heads": 1},  # SmolLM2's head dim: the compiled decode kernel
 }
 
 

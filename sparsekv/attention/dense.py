@@ -41,7 +41,7 @@ def dense_decode_torch(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: f
 
 def dense_decode(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: float) -> torch.Tensor:
     """One query per request over all its keys: the compiled kernel when it is available."""
-    if cpu_decode.available() and q.device.type == "cpu":
+    if cpu_decode.available() and cpu_decode.supports(q):
         return cpu_decode.paged_decode_cpu(q, kv.k, kv.v, group.block_table, group.seq_lens, scale)
     return dense_decode_torch(q, kv, group, scale)
 

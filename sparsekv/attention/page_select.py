@@ -104,7 +104,7 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[torch.Ten
     rows = [i for i, p in enumerate(pages) if p is not None]
     lists = pad_stack([pages[i] for i in rows], -1)
     lens = g.seq_lens[rows].long()
-    if cpu_decode.available():
+    if cpu_decode.available() and cpu_decode.supports(q):
         out[rows] = cpu_decode.paged_decode_cpu(q[rows], kv.k, kv.v, g.block_table[rows], g.seq_lens[rows],
                                                 plan.scale, page_lists=lists.to(torch.int32))
         attended = token_mask(lists, kv.page_size, lens).sum((1, 2)) * (hq // kv.k.shape[1])

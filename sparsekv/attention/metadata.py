@@ -7,8 +7,9 @@ layer's forward has to copy device data back (no host-device sync per layer on C
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Callable
 
 import torch
 
@@ -49,6 +50,13 @@ class BatchGroup:
     phase: str  # "prefill" or "decode" (decode: every q_len is 1)
     req_start: int
     req_end: int
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Step-scoped derived data (kernel tile metadata, ...): built on the first layer, reused."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def num_reqs(self) -> int:

@@ -59,7 +59,11 @@ class TileMeta:
 
 
 def tile_meta(group, block_size: int, device: torch.device) -> TileMeta:
-    """One tile per (request, query block on the absolute grid); tables come packed from the step."""
+    """One tile per (request, query block on the absolute grid), built once per step."""
+    return group.memo(("tiles", block_size), lambda: _tile_meta(group, block_size, device))
+
+
+def _tile_meta(group, block_size: int, device: torch.device) -> TileMeta:
     ctx = torch.tensor(group.seq_lens_cpu)
     q_len = torch.tensor(group.q_lens_cpu)
     nqb = (ctx + block_size - 1) // block_size - (ctx - q_len) // block_size

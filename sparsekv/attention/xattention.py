@@ -135,9 +135,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     q: [Hq, nqb*B, D] on the absolute block grid; k, v: [Hkv, nkb*B, D]; sel: bool [Hq, nqb, nkb]
     with each diagonal block set. Work units are (query head, query block), or (KV head, query
     block) with the group's queries stacked when `shared_group` (the group shares one selection).
-    Units with equal block counts run together as one batched matmul + softmax + matmul, so there
-    is no padding, no token mask except the diagonal block's triangle, and each batch stays near
-    `budget` score elements (cache sized).
+    Units with equal block counts run together as one batched attention call over their gathered
+    blocks, so there is no padding, no token mask except the diagonal block's triangle, and each
+    batch stays near `budget` score elements (cache sized).
     """
     hq, _, d = q.shape
     hkv, bs, nqb, nkb = k.shape[0], geom.block_size, geom.num_qblocks, geom.num_kblocks
@@ -162,22 +162,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     slots = rank.sort(-1).values[:, :int(counts.max())]
     slots[:, 0] = diag
     slots = (slots + (unit_kv * nkb).view(-1, 1))[order]
-    units = units.index_select(0, order).mul_(scale)
     kflat, vflat = k.reshape(hkv * nkb, bs, d), v.reshape(hkv * nkb, bs, d)
-    future = torch.ones(bs, bs, dtype=torch.bool).triu_(1).repeat(rows // bs, 1)  # in the diagonal slot
+    causal = torch.ones(bs, bs, dtype=torch.bool).tril_().repeat(rows // bs, 1)  # in the diagonal slot
     out = torch.empty_like(units)
 
     def batch(a: int, b: int, m: int) -> None:
+        # SDPA's fused CPU kernel (softmax in fp32, no score matrix in memory) over the gathered
+        # blocks: 1.2-1.3x the speed of separate bmm + softmax + bmm measured here
         idx = slots[a:b, :m].reshape(-1)
-        kb = kflat.index_select(0, idx).view(b - a, m * bs, d)
-        vb = vflat.index_select(0, idx).view(b - a, m * bs, d)
-        # Logits come out of the GEMM rounded to q's dtype. Subtracting a per-row offset inside it
-        # (accumulated in fp32) keeps the large logits that dominate the softmax finely rounded:
-        # the max over the diagonal slot is near the row max (bf16 output error 1.1% -> 0.4%).
-        offset = torch.bmm(units[a:b], kb[:, :bs].transpose(1, 2)).amax(-1, keepdim=True)
-        s = torch.baddbmm(offset, units[a:b], kb.transpose(1, 2), beta=-1)
-        s[:, :, :bs].masked_fill_(future, float("-inf"))
-        torch.bmm(torch.softmax(s, dim=-1), vb, out=out[a:b])  # 16-bit softmax accumulates in fp32
+        kb = kflat.index_select(0, idx).view(b - a, 1, m * bs, d)
+        vb = vflat.index_select(0, idx).view(b - a, 1, m * bs, d)
+        allowed = torch.ones(rows, m * bs, dtype=torch.bool)
+        allowed[:, :bs] = causal
+        unit = order[a:b]
+        res = torch.nn.functional.scaled_dot_product_attention(units.index_select(0, unit).unsqueeze(1), kb, vb,
+                                                               attn_mask=allowed, scale=scale)
+        out.index_copy_(0, unit, res.squeeze(1))
 
     tasks = []
     values, sizes = torch.unique_consecutive(counts[order], return_counts=True)
@@ -187,7 +187,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         tasks += [partial(batch, a, min(a + step, start + size), m) for a in range(start, start + size, step)]
         start += size
     run_streams(tasks[::-1])  # the biggest batches first
-    out = torch.empty_like(out).index_copy_(0, order, out)
     if shared_group:
         out = out.view(hkv, nqb, group, bs, d).transpose(1, 2)
     return out.reshape(hq, nqb * bs, d)

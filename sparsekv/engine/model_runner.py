@@ -93,6 +93,8 @@ class ModelRunner:
         else:
             chosen = (spec.method, spec.params(phase))
             routes = [DENSE if i in sp.dense_layers else chosen for i in range(n)]
+        if len(self._routes) >= 256:  # per-request configs come and go: keep the cache bounded
+            self._routes.clear()
         self._routes[key] = (sp, routes)
         return routes
 
@@ -109,8 +111,10 @@ class ModelRunner:
     def slot(self, seq: Sequence) -> int:
         """The request slot of a running sequence (backend state is indexed by it)."""
         if seq.slot is None:
-            seq.slot = self._free_slots.pop() if self._free_slots else self._next_slot
-            self._next_slot += seq.slot == self._next_slot
+            if self._free_slots:
+                seq.slot = self._free_slots.pop()
+            else:
+                seq.slot, self._next_slot = self._next_slot, self._next_slot + 1
         return seq.slot
 
     def release(self, seq: Sequence) -> None:
@@ -125,10 +129,24 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute the scheduled tokens; return logits [len(batch), V] at each one's last token."""
+        order, phases, ctx, plans, ids, pos = self._prepare(batch)
+        dev = self.device
+        with forward_context(ctx):
+            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                                torch.tensor(pos, dtype=torch.long, device=dev))
+        last = ctx.meta.query_start_loc[1:].long() - 1
+        logits = self.model.compute_logits(hidden[last]).cpu()
+        self._record_stats([batch[i][0] for i in order], phases, ctx.meta, plans)
+        out = torch.empty_like(logits)
+        out[torch.tensor(order)] = logits
+        return out
+
+    def _prepare(self, batch: list[tuple[Sequence, int]]):
+        """The step's order (decodes first, equal routes together), metadata, routes and plans."""
         phases = ["decode" if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens else "prefill"
                   for seq, n in batch]
         routes = [self.routes(seq.sparsity, ph, seq.num_computed_tokens + n) for (seq, n), ph in zip(batch, phases)]
-        groups: dict[tuple, int] = {}  # (phase, route list) -> first-seen rank: decodes first, routes together
+        groups: dict[tuple, int] = {}  # (phase, route list) -> first-seen rank
         order = sorted(range(len(batch)), key=lambda i: (phases[i] != "decode",
                                                          groups.setdefault((phases[i], id(routes[i])), len(groups))))
         reqs, ids, pos = [], [], []
@@ -138,27 +156,17 @@ class ModelRunner:
             reqs.append(RequestInput(n, start + n, seq.block_table, phases[i], self.slot(seq)))
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
-        dev = self.device
-        meta = AttnMetadata.build(reqs, self.page_size, dev)
-        attn_routes, plans = build_routes(meta, [phases[i] for i in order], [routes[i] for i in order],
-                                          self.shape, dev.type)
-        for plan_backend in {id(r.backend): r.backend for layer in attn_routes for r in layer}.values():
-            for spec in plan_backend.kv_spec:
+        meta = AttnMetadata.build(reqs, self.page_size, self.device)
+        phases = [phases[i] for i in order]
+        attn_routes, plans = build_routes(meta, phases, [routes[i] for i in order], self.shape, self.device.type)
+        for backend in {id(r.backend): r.backend for layer in attn_routes for r in layer}.values():
+            for spec in backend.kv_spec:
                 self.kv_cache.ensure(spec)
         write_index = WriteIndex.from_slots(meta.slot_mapping, self.page_size)
         self.kv_cache.begin_step(write_index)
         ffn = [Route(FFN_BACKENDS["none"], meta.group("mixed", 0, meta.num_reqs), 0, meta.num_actual_tokens)]
-        ctx = ForwardContext(meta, self.kv_cache, write_index,
-                             attn_routes, [ffn] * self.shape.num_layers)
-        with forward_context(ctx):
-            hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                                torch.tensor(pos, dtype=torch.long, device=dev))
-        last = meta.query_start_loc[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last]).cpu()
-        self._record_stats([batch[i][0] for i in order], [phases[i] for i in order], meta, plans)
-        out = torch.empty_like(logits)
-        out[torch.tensor(order)] = logits
-        return out
+        ctx = ForwardContext(meta, self.kv_cache, write_index, attn_routes, [ffn] * self.shape.num_layers)
+        return order, phases, ctx, plans, ids, pos
 
     def _record_stats(self, seqs: list[Sequence], phases: list[str], meta: AttnMetadata, plans: list) -> None:
         """Attended pairs from the plans' device counters: one read per plan per step."""

@@ -1,13 +1,16 @@
 """`sparsekv bench attention`: attention-only time of sparse methods against dense attention.
 
-Synthetic queries and keys at Llama-3-8B head shapes (32 query heads, 8 KV heads, head_dim 128)
-with the structure real attention has (a sink, a local band, a few heavy keys every query
-wants) sit in a paged pool and go through the backends as the model calls them. Prefill methods
-run one layer over the whole prompt, against the faster of the dense backend and torch SDPA on
-contiguous tensors. Decode methods run one decode step through `--num-layers` layers in order
-with one plan per step (one pool reused for every layer), against the dense backend the same
-way; the dense rows carry the bandwidth limit (KV bytes read / read bandwidth measured in the run). A backend that wraps its selection in torch.profiler.record_function("<name>.select") gets
-that time reported as scoring_ms.
+The inputs are synthetic queries and keys at Llama-3-8B head shapes (32 query heads, 8 KV heads,
+head_dim 128) with the structure real attention has (a sink, a local band, a few heavy keys every
+query wants), or with --qkv-from one layer's q/k/v captured from a real model on a needle task
+(bench/captured.py), at that model's shapes. Either sits in a paged pool and goes through the
+backends as the model calls them. Prefill methods run one layer over the whole prompt, against
+the faster of the dense backend and torch SDPA on contiguous tensors. Decode methods run one
+decode step through `--num-layers` layers in order with one plan per step (one pool reused for
+every layer: captured inputs have one layer too), against the dense backend the same way; the
+dense rows carry the bandwidth limit (KV bytes read / read bandwidth measured in the run). A
+backend that wraps its selection in torch.profiler.record_function("<name>.select") gets that
+time reported as scoring_ms.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from sparsekv.bench.synthetic import PAGE, paged_pool, synthetic_qkv
 
-from sparsekv.bench.synthetic import HEAD_DIM, HKV, HQ, PAGE, paged_pool, synthetic_qkv
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     p.add_argument("--phase", default="auto", choices=["auto", "prefill", "decode"],
                    help="auto: each method's own phase")
-    p.add_argument("--num-layers", type=int, default=32, help="layers per decode step")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="layers per decode step (default: 32, or the --qkv-from model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: what the CPU runs natively (bfloat16 only with AVX512-BF16/AMX), bfloat16 on CUDA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qkv-from", default=None, metavar="MODEL",
+                   help="capture q/k/v from this model on a needle prompt per length (cached in --output) "
+                        "instead of the synthetic inputs")
+    p.add_argument("--capture-layer", type=int, default=None, help="with --qkv-from: the layer (default: the middle)")
+    p.add_argument("--capture-task", default=None, help="with --qkv-from: the sparsekv.eval task (default: niah_single)")
 
 
 def resolve(name: str):
@@ -79,13 +88,14 @@ def select_ms(fn) -> float:
 
 
 class Case:
-    """One context length's synthetic data, its pool, and the dense baselines (measured once)."""
+    """One context length's inputs (q [L+1, Hq, D], k, v [Hkv, L+1, D]; the last token decodes),
+    its pool, and the dense baselines (measured once)."""
 
-    def __init__(self, length: int, args, dtype, device):
+    def __init__(self, length: int, q, k, v, args, device):
         import torch
 
         self.length, self.args, self.device = length, args, device
-        q, k, v = synthetic_qkv(length + 1, args.seed, dtype, device)  # the last token decodes
+        self.hq, self.hkv, self.head_dim = q.shape[1], k.shape[0], q.shape[2]
         self.q, self.q_decode = q[:length].contiguous(), q[length:].contiguous()
         self.k, self.v = k[:, :length].contiguous(), v[:, :length].contiguous()
         self.kv = paged_pool(k, v)
@@ -106,8 +116,8 @@ class Case:
         layers = self.args.num_layers if phase == "decode" else 1
         q = self.q_decode if phase == "decode" else self.q
         group = self.group(phase, q.shape[0], self.length + (phase == "decode"))
-        shape = AttnShape(layers, HQ, HKV, HEAD_DIM, HEAD_DIM ** -0.5)
-        pairs = group.causal_pairs_cpu()[0] * HQ * layers
+        shape = AttnShape(layers, self.hq, self.hkv, self.head_dim, self.head_dim ** -0.5)
+        pairs = group.causal_pairs_cpu()[0] * self.hq * layers
         last: dict = {}
 
         def step():
@@ -213,11 +223,23 @@ def run(args: argparse.Namespace) -> int:
         jobs = [j for j in jobs if j[1] != "dense" or j[2] in measured]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    result = {**info, "dtype": str(dtype).removeprefix("torch."), "rows": []}
     lengths = [int(x) for x in args.lengths.split(",")]
+    capture = None
+    if args.qkv_from:
+        from sparsekv.bench.captured import DEFAULT_TASK, Capture
+
+        capture = Capture(args.qkv_from, args.capture_layer, args.capture_task or DEFAULT_TASK, args.seed, out,
+                          max(lengths))
+    elif args.capture_layer is not None or args.capture_task:
+        raise ValueError("--capture-layer and --capture-task need --qkv-from")
+    if args.num_layers is None:
+        args.num_layers = capture.num_layers if capture else 32
+    result = {**info, "dtype": str(dtype).removeprefix("torch."),
+              "inputs": capture.inputs if capture else "synthetic", "rows": []}
     with tqdm(total=len(lengths) * len(jobs), desc="bench attention") as bar:
         for length in lengths:
-            case = Case(length, args, dtype, device)
+            qkv = capture.qkv(length, dtype, device) if capture else synthetic_qkv(length + 1, args.seed, dtype, device)
+            case = Case(length, *qkv, args, device)
             for name, method, phase, backend in jobs:
                 bar.set_postfix_str(f"{name} {phase} {length}")
                 base = case.dense(phase)

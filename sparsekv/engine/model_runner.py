@@ -38,7 +38,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device)
+        self.model = load_model(config.model, self.dtype, self.device, config.hf_overrides)
         a = self.model.args
         self.page_size = config.block_size
         per_page = KVCache.bytes_per_page(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim, self.dtype)

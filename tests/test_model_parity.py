@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from sparsekv import LLM, SamplingParams
+from parity import engine_logits, hf_greedy, hf_logits, hf_model
 from tiny_model import build_model
 
 ARCHS = {  # rope variants with a small max_position_embeddings, so the tests run past it
@@ -35,57 +35,12 @@ def checkpoint(request, tmp_path_factory):
     return llm, path
 
 
-def hf_model(path, **config):
-    """A fresh transformers model: its dynamic rope keeps state across calls (the longest length
-    seen), so each reference sequence gets its own."""
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **config).eval()
-
-
 def test_prefill_and_decode_logits_match_transformers(checkpoint):
     llm, path = checkpoint
-    runner, bm, engine = llm.engine.runner, llm.engine.block_manager, llm.engine
     ids = llm.tokenizer.encode("the red cat and the blue dog remember the pass key 12345")
-    full = hf_logits(hf_model(path), ids, [5, 7, 9])
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    engine.add_request("parity", ids, params)
-    seq = engine.requests["parity"][0]
-    batch = engine.scheduler.schedule()
-    logits = runner.run(batch)
-    torch.testing.assert_close(logits[0], full[len(ids) - 1], rtol=1e-4, atol=1e-4)
-    seq.num_computed_tokens = len(ids)
-    for i, tok in enumerate([5, 7, 9]):  # step-by-step decode with forced tokens
-        seq.token_ids.append(tok)
-        assert bm.allocate(seq, 1)
-        logits = runner.run([(seq, 1)])
-        seq.num_computed_tokens += 1
-        torch.testing.assert_close(logits[0], full[len(ids) + i], rtol=1e-4, atol=1e-4)
-    engine.abort_request("parity")
-    assert bm.num_free_blocks == len(bm.blocks)
-
-
-def hf_logits(model, ids: list[int], forced: list[int]) -> torch.Tensor:
-    """transformers' logits at every position, prefill then one forced token per step (dynamic
-    rope depends on the length of each step, so one full forward would differ)."""
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        rows, past = [res.logits[0]], res.past_key_values
-        for tok in forced:
-            res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            rows.append(res.logits[0])
-            past = res.past_key_values
-    return torch.cat(rows)
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Plain argmax decoding with transformers' forward and its KV cache (EOS not special)."""
-    out, past, inp = [], None, torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            res = model(inp, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            out.append(int(res.logits[0, -1].argmax()))
-            inp = torch.tensor([[out[-1]]])
-    return out
+    forced = [5, 7, 9]
+    ref = hf_logits(hf_model(path), ids, forced)[len(ids) - 1:]
+    torch.testing.assert_close(engine_logits(llm, ids, forced), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_32_tokens_identical(checkpoint):

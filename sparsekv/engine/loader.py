@@ -24,6 +24,8 @@ def read_config(model: str | Path, hf_overrides: dict | None = None) -> dict:
     if gguf:
         cfg = gguf_config(gguf)
     else:
+        if not path.exists():
+            raise FileNotFoundError(f"model {str(path)!r} does not exist")
         if not path.is_dir():
             raise FileNotFoundError(f"model {str(path)!r} is neither a directory nor a .gguf file")
         cfg_path = path / "config.json"

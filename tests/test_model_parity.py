@@ -1,6 +1,8 @@
 """sparsekv's model code against transformers on the same safetensors weights."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -68,3 +70,12 @@ def test_hf_overrides_set_rope_scaling_and_max_model_len(tmp_path, scaling, max_
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(hf_model(path, rope_scaling={**scaling, "rope_theta": 10000.0}),
                                                     llm.tokenizer.encode(prompt), 8)
+
+
+def test_hf_overrides_flag_takes_json():
+    from sparsekv.cli import build_parser, engine_config_from_args
+
+    scaling = {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    argv = ["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--model", "m",
+            "--hf-overrides", json.dumps(scaling)]
+    assert engine_config_from_args(build_parser(argv).parse_args(argv)).hf_overrides == scaling

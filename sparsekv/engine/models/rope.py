@@ -5,7 +5,10 @@ dynamic (NTK). Each follows transformers' `modeling_rope_utils` so logits match 
 in every forward pass from `seq_len = max(position) + 1` (never below `max_position_embeddings`),
 and keys already in the KV cache keep the rotation of the step that computed them. We do the same
 per sequence and per step: a sequence's tokens in a step use the frequencies of its context length
-after that step. A single request generated token by token therefore matches transformers exactly.
+after that step. A prompt prefilled in one step and then decoded token by token therefore matches
+transformers exactly. A prompt split into chunks (longer than max_num_batched_tokens) rotates each
+chunk with the length at its end, where transformers would use the whole prompt's: exact would need
+the prompt length in the step's metadata, which the attention seam does not carry yet.
 """
 from __future__ import annotations
 

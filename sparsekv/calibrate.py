@@ -20,7 +20,7 @@ LATER_METHODS = ("teal", "wina", "chess")  # FFN calibration: a later issue
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the shipped model)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--method", required=True, help="delta (teal, wina and chess are not implemented yet)")
     p.add_argument("--samples", type=int, default=8, help="sample texts to average over")
     p.add_argument("--sample-tokens", type=int, default=512, help="tokens per sample text")
@@ -50,10 +50,13 @@ def sample_texts(n: int, words_per_text: int, seed: int) -> list[str]:
 def layer_shift(model_dir: str, texts: list[str], max_tokens: int) -> list[float]:
     """Mean 1 - cos(h_in, h_out) per layer; the last layer's output carries the final norm."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from sparsekv.engine.loader import load_tokenizer, transformers_source
+
+    tok = load_tokenizer(model_dir)
+    source, kwargs = transformers_source(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
     total = None
     for text in texts:
         ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
@@ -85,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if args.method != "delta":
         raise ValueError(f"calibrate: unknown method {args.method!r}; available: delta")
     from sparsekv.attention.delta import default_delta_layers
-    from sparsekv.config import DEFAULT_MODEL, SparsityConfig
+    from sparsekv.config import SparsityConfig, default_model
+    from sparsekv.engine.loader import read_config
 
-    model_dir = args.model or DEFAULT_MODEL
-    if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"no Hugging Face model (config.json) in {model_dir}")
+    model_dir = args.model or default_model()
+    read_config(model_dir)  # a clear error for a path that is no model
     texts = sample_texts(args.samples, args.sample_tokens, args.seed)
     shift = layer_shift(model_dir, texts, args.sample_tokens)
     k = args.num_delta_layers or max(1, len(default_delta_layers(len(shift))))

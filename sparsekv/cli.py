@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 
@@ -25,7 +26,8 @@ BENCH = {
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Engine and sparsity flags shared by serve, generate, eval and bench."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="local Hugging Face model directory (default: the shipped model)")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None)
@@ -36,6 +38,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--hf-overrides", type=json.loads, default={},
+                   help='JSON laid over the model config, e.g. \'{"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}\'')
     s = p.add_argument_group("sparsity")
     s.add_argument("--sparsity-config", default=None, help="SparsityConfig JSON file (flags below override it)")
     s.add_argument("--prefill-attention", default=None, help="prefill method: dense | xattention | ...")
@@ -50,7 +54,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace):
     """EngineConfig from the shared flags; raises ValueError with a readable message."""
-    from sparsekv.config import DEFAULT_MODEL, EngineConfig, SparsityConfig
+    from sparsekv.config import EngineConfig, SparsityConfig
 
     sparsity = SparsityConfig.from_file(args.sparsity_config) if args.sparsity_config else SparsityConfig()
     override: dict = {}
@@ -66,11 +70,11 @@ def engine_config_from_args(args: argparse.Namespace):
     if ffn:
         override["ffn"] = ffn
     return EngineConfig(
-        model=args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
+        model=args.model, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, hf_overrides=args.hf_overrides,
         sparsity=sparsity.merged(override),
         **({"served_model_name": args.served_model_name} if getattr(args, "served_model_name", None) else {}),
     )

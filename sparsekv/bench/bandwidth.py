@@ -30,15 +30,12 @@ def cpu_description() -> dict:
 
     import torch
 
+    from sparsekv.engine.model_runner import cpu_has_native_bf16
+
     model = platform.processor() or platform.machine()
     info = Path("/proc/cpuinfo")
-    flags: set[str] = set()
     if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+        model = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                      if ln.startswith("model name")), model)
+    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}

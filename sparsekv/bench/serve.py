@@ -194,14 +194,14 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 def run(args: argparse.Namespace) -> int:
     import httpx
-    from transformers import AutoTokenizer
 
-    from sparsekv.config import DEFAULT_MODEL
+    from sparsekv.config import default_model
+    from sparsekv.engine.loader import load_tokenizer
 
     if args.num_prompts < 1 or args.input_len < 2 or args.output_len < 1 or args.request_rate <= 0:
         raise ValueError("need --num-prompts >= 1, --input-len >= 2, --output-len >= 1, --request-rate > 0")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the summary
-    tokenizer = AutoTokenizer.from_pretrained(args.model or DEFAULT_MODEL)
+    tokenizer = load_tokenizer(args.model or default_model())
     prompts = random_prompts(tokenizer, args.num_prompts, args.input_len, args.seed)
     proc, base = (None, args.endpoint.rstrip("/")) if args.endpoint else _start_server(args)
     try:

@@ -6,7 +6,7 @@ from typing import Any, Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from sparsekv.config import DEFAULT_MODEL, EngineConfig, SparsityConfig
+from sparsekv.config import EngineConfig, SparsityConfig
 from sparsekv.engine.llm_engine import LLMEngine
 from sparsekv.engine.outputs import RequestOutput
 from sparsekv.engine.prompts import render_chat
@@ -18,9 +18,11 @@ Messages = list[dict[str, str]]
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any):
+        """`model`: an HF directory or a .gguf file; None: the default model. `engine_args`: EngineConfig's
+        fields, e.g. `dtype="float32"`, `hf_overrides={"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}`."""
         if isinstance(engine_args.get("sparsity"), dict):
             engine_args["sparsity"] = SparsityConfig.model_validate(engine_args["sparsity"])
-        self.engine = LLMEngine(EngineConfig(model=model or DEFAULT_MODEL, **engine_args))
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -13,6 +13,8 @@ from sparsekv.cache.block_manager import BlockManager
 from sparsekv.config import EngineConfig, SparsityConfig
 from sparsekv.engine.detokenizer import update_text
 from sparsekv.engine.loader import load_eos_ids, load_tokenizer, read_config
+from sparsekv.engine.models.llama import ModelArgs
+from sparsekv.engine.models.rope import rope_max_len
 from sparsekv.engine.model_runner import ModelRunner
 from sparsekv.engine.outputs import CompletionOutput, RequestOutput, SparsityStats
 from sparsekv.engine.prompts import encode_prompt
@@ -38,8 +40,8 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        cfg = read_config(config.model)
-        max_len = config.max_model_len or cfg.get("max_position_embeddings", 4096)
+        args = ModelArgs.from_hf(read_config(config.model, config.hf_overrides))
+        max_len = config.max_model_len or rope_max_len(args)
         self.config = config.model_copy(update={"max_model_len": max_len})
         self.model_name = config.served_model_name or Path(config.model).name
         self.tokenizer = load_tokenizer(config.model)

@@ -46,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _local_counter(model_dir: str):
-    from transformers import AutoTokenizer
+    from sparsekv.engine.loader import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     return lambda text: len(tok.encode(text))
 
 
@@ -88,7 +88,7 @@ def _runner(args: argparse.Namespace, samples: list):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsekv.config import DEFAULT_MODEL, preset
+    from sparsekv.config import default_model, preset
     from sparsekv.eval import report
     from sparsekv.eval.runner import Store, evaluate
     from sparsekv.eval.tasks import TASKS
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         runner = _runner(args, [])
         samples = _samples(args, runner.count_tokens)
     else:
-        samples = _samples(args, _local_counter(args.model or DEFAULT_MODEL))
+        samples = _samples(args, _local_counter(args.model or default_model()))
         runner = _runner(args, samples)
     records = evaluate(runner, samples, methods, Store(args.output / "samples.jsonl"))
     rows = report.build_rows(records)

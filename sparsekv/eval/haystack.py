@@ -1,8 +1,7 @@
 """Filler text, word lists and exact-length fitting for the eval prompts.
 
-The filler matches what the default model was trained on (scripts/default_corpus.py): RULER's
-"noise" sentences, and "varied" sentences made from templates filled with `wonderwords` words.
-A prompt is fitted to an exact token count with the model's own tokenizer: binary search over
+The filler is RULER's "noise" sentences, and "varied" sentences made from templates filled with
+`wonderwords` words. A prompt is fitted to an exact token count with the model's own tokenizer: binary search over
 the number of filler units, then a few short pad words to close the last gap.
 """
 from __future__ import annotations

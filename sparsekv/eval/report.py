@@ -14,7 +14,7 @@ Scores are RULER's string match in [0, 100]: the share of reference strings foun
 (case-insensitive), averaged over samples; a failed sample scores 0 and is counted in
 `n_failed`. Prompts are exactly `length` tokens long (BOS included) as the model's tokenizer
 counts them (a few tokens short only if no pad word fits; samples.jsonl has `prompt_tokens`).
-Task wording follows the formats the default model was trained on (scripts/default_corpus.py), which are RULER's with small changes: a pass-key task, a varied
+Task wording is RULER's with small changes: a pass-key task, a varied
 template-sentence haystack in place of Paul Graham essays, a variable-tracking answer prefix
 saying "chain(s) of variable assignment", and CWE/FWE frequencies that grow with the length.
 Needle tasks put the (first) queried needle at the sample's depth (0 = start of the context,

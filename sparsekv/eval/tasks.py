@@ -1,7 +1,6 @@
 """RULER-style synthetic tasks, generated offline and seeded, fitted to exact token lengths.
 
-The wording follows the formats the default model was trained on (scripts/default_corpus.py),
-which are RULER's with small changes; they all live in TEMPLATES so they are easy to align.
+The wording is RULER's with small changes; it all lives in TEMPLATES so it is easy to align.
 A prompt is `intro + sep + context + question + answer_prefix` (the answer prefix keeps the
 model from wandering, as in RULER) and has exactly `length` tokens as the model's tokenizer
 counts them (BOS included when the tokenizer adds one).

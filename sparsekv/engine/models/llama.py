@@ -6,13 +6,13 @@ and sparsekv.ffn: this file holds no routing code.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparsekv.attention.context import Attention
+from sparsekv.attention.context import Attention, get_forward_context
+from sparsekv.engine.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from sparsekv.ffn.backend import routed_ffn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -39,47 +39,21 @@ class ModelArgs:
     def from_hf(cls, cfg: dict) -> "ModelArgs":
         heads = cfg["num_attention_heads"]
         model_type = cfg.get("model_type", "llama")
-        rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+        rope_scaling = cfg.get("rope_scaling") or rope_params or None
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta") or (rope_scaling or {}).get("rope_theta") or 10000.0),
+            rope_theta=float(cfg.get("rope_theta") or (rope_scaling or {}).get("rope_theta")
+                             or rope_params.get("rope_theta") or 10000.0),
             rope_scaling=rope_scaling, max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
         )
-
-
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies with the `linear` and `llama3` rope scalings applied."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = args.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "linear":
-        inv = inv / sc["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-        old = sc.get("original_max_position_embeddings", 8192)
-        wavelen = 2 * math.pi / inv
-        smooth = ((old / wavelen) - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif kind not in ("default", None):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
-    return inv
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, D/2]; the half-split rotation of the HF checkpoints."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -180,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        cos, sin = freqs.cos(), freqs.sin()
+        meta = get_forward_context().meta
+        cos, sin = rope_cos_sin(self.args, self.inv_freq, positions, list(zip(meta.q_lens_cpu, meta.rope_lens_cpu)))
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin)

@@ -150,10 +150,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from sparsekv.bench.bandwidth import cpu_description, read_bandwidth
-    from sparsekv.config import EngineConfig
+    from sparsekv.config import default_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=EngineConfig().model, help="HF directory or .gguf (default: the default model)")
+    p.add_argument("--model", default=None, help="HF directory or .gguf (default: the default model)")
     p.add_argument("--hf-model", default=None, help="HF directory for transformers (default: --model)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--contexts", default="4096,16384")
@@ -161,11 +161,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill", default="4096,16384", help="prefill lengths ('' to skip)")
+    p.add_argument("--prefill-repeats", type=int, default=1, help="timed prefills after a warm-up")
     p.add_argument("--output", default=str(RESULTS / "engine.json"))
     args = p.parse_args()
+    args.model = args.model or default_model()
     dtype = getattr(torch, args.dtype)
-    hf_dir = args.hf_model or args.model
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    hf_path = Path(args.hf_model or args.model)  # transformers dequantizes a GGUF to the same weights
+    gguf = {"gguf_file": hf_path.name} if hf_path.suffix == ".gguf" else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_path.parent if gguf else hf_path), dtype=dtype, **gguf).eval()
     cfg = hf.config
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in hf.parameters()}.values())
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
@@ -185,7 +188,7 @@ def main() -> None:
             print(json.dumps(row))
             Path(args.output).write_text(json.dumps(result, indent=2))
     for ctx in [int(x) for x in args.prefill.split(",") if x]:
-        row = {"phase": "prefill", "batch": 1, "context": ctx, **prefill_rates(args.model, hf, args.dtype, ctx, args.repeats)}
+        row = {"phase": "prefill", "batch": 1, "context": ctx, **prefill_rates(args.model, hf, args.dtype, ctx, args.prefill_repeats)}
         result["rows"].append(row)
         print(json.dumps(row))
         Path(args.output).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,63 @@
+"""Which context lengths an eval runs: the ones the model supports, per task.
+
+A prompt plus its generation budget must fit the model's context (as RULER sizes its prompts),
+so an 8K model gets its "8K" cell clipped by the task's answer budget, and asking for 16K on it
+is skipped with a log line unless a rope scaling override stretches the context.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def model_max_len(model: str, hf_overrides: dict[str, Any] | None = None) -> int:
+    """The context the model supports: max_position_embeddings, or a scaled rope's length
+    (factor x the original length) when config.json or `hf_overrides` sets rope scaling."""
+    from sparsekv.engine.loader import read_config
+
+    cfg = {**read_config(model), **(hf_overrides or {})}
+    base = int(cfg.get("max_position_embeddings", 4096))
+    sc = cfg.get("rope_scaling") or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind in ("default", None) or "factor" not in sc:
+        return base
+    original = int(sc.get("original_max_position_embeddings", base))
+    return max(base, int(original * float(sc["factor"])))
+
+
+def rope_override(hf_overrides: dict[str, Any] | None) -> bool:
+    return bool((hf_overrides or {}).get("rope_scaling"))
+
+
+def cells(tasks: list[str], lengths: list[int] | None, budgets: dict[str, int], limit: int,
+          explicit_rope: bool) -> list[tuple[str, int]]:
+    """(task, prompt length) pairs to run. `lengths` None: RULER's lengths up to `limit`, the last
+    clipped so that every task's prompt + budget fits (one column for all tasks). Asked-for
+    lengths that do not fit are skipped (logged), unless a rope override was given: then the
+    user knowingly runs past the model's own limit."""
+    if lengths is None:
+        room = limit - max(budgets[t] for t in tasks)
+        defaults = [n for n in RULER_LENGTHS if n <= limit] or [limit]
+        if defaults[-1] > room:
+            log.info("length %d clipped to %d so that prompts and answers (up to %d tokens) fit the model's "
+                     "%d-token context", defaults[-1], room, limit - room, limit)
+        return [(t, min(n, room)) for t in tasks for n in dict.fromkeys(min(n, room) for n in defaults)]
+    out = []
+    for task in tasks:
+        for n in lengths:
+            if n + budgets[task] > limit and not explicit_rope:
+                log.warning("%s: skipping length %d: with %d answer tokens it exceeds the model's %d-token "
+                            "context (a rope scaling override, e.g. --hf-overrides "
+                            "'{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 2.0}}', runs it)",
+                            task, n, budgets[task], limit)
+                continue
+            out.append((task, n))
+    return out
+
+
+def parse_overrides(text: str | None) -> dict[str, Any] | None:
+    return json.loads(text) if text else None

@@ -11,6 +11,7 @@ import torch
 from sparsekv import LLM
 from sparsekv.cli import main
 from sparsekv.config import SparsityConfig, preset
+from sparsekv.engine.sampling_params import SamplingParams
 from sparsekv.eval import blocks, lengths, tasks
 from sparsekv.eval.agreement import agreement, forced_run, summarize
 from sparsekv.eval.capture import Capture, capture
@@ -37,23 +38,23 @@ def count(llm):
     return lambda text: len(llm.tokenizer.encode(text))
 
 
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n)
+
+
 def test_forced_run_reproduces_greedy_and_forces_tokens(llm, count):
     s = tasks.generate("passkey", 200, 0, count)
-    greedy = llm.generate([s.prompt], tasks_params(8), use_tqdm=False)[0].outputs[0].token_ids
-    assert forced_run(llm.engine, s.prompt, SparsityConfig(), 8, None, Capture()) == greedy
+    picked = llm.generate([s.prompt], greedy(8), use_tqdm=False)[0].outputs[0].token_ids
+    assert forced_run(llm.engine, s.prompt, SparsityConfig(), 8, None, Capture()) == picked
     forced = [5] * 8  # not what the model picks: the picks after the first depend on the forcing
-    cap = Capture()
     with capture(llm.engine.runner.model) as cap:
         picks = forced_run(llm.engine, s.prompt, SparsityConfig(), 8, forced, cap)
-    assert len(picks) == 8 and picks[0] == greedy[0]
+    assert len(picks) == 8 and picks[0] == picked[0]
+    ids = llm.tokenizer.encode(s.prompt)
+    for i in (1, 5):  # pick i is the greedy token after the prompt and forced[:i]
+        assert llm.generate([ids + forced[:i]], greedy(1), use_tqdm=False)[0].outputs[0].token_ids == [picks[i]]
     pos, rows = cap.attention(0)
     assert pos.tolist() == list(range(200 + 7)) and rows.shape[0] == 207  # every forced token decoded once
-
-
-def tasks_params(n: int):
-    from sparsekv.engine.sampling_params import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=n)
 
 
 def test_dense_agrees_with_itself_and_xattention_reports_recall(llm, count):

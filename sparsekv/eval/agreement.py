@@ -16,7 +16,7 @@ recomputed on dense's Q/K.
 """
 from __future__ import annotations
 
-import logging
+import itertools
 from statistics import mean
 from typing import Any
 
@@ -28,14 +28,14 @@ from sparsekv.eval import blocks
 from sparsekv.eval.capture import Capture, capture
 from sparsekv.eval.tasks import Sample
 
-log = logging.getLogger(__name__)
+_ids = itertools.count()
 
 
 def forced_run(engine, prompt: str, sparsity: SparsityConfig, max_tokens: int, forced: list[int] | None,
                cap: Capture) -> list[int]:
     """One request through the step loop; returns the token the model picked at every step.
     With `forced`, each pick is replaced by forced[i] before the next step (teacher forcing)."""
-    rid = f"agreement-{id(cap)}"
+    rid = f"agreement-{next(_ids)}"
     n = len(forced) if forced is not None else max_tokens
     engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=forced is not None),
                        sparsity)

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="needle depths (0 = start, 1 = end); needle-task samples cycle through them")
     e.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: RULER's per task)")
     e.add_argument("--concurrency", type=int, default=4, help="parallel requests with --endpoint")
-    e.add_argument("--batch-size", type=int, default=16, help="prompts per generate call in-process")
+    e.add_argument("--batch-size", type=int, default=8,
+                   help="requests in flight in-process (continuous batching: fewer gives the first result sooner)")
     e.add_argument("--tokenize-with", choices=["local", "server"], default="local",
                    help="with --endpoint: count tokens with the local tokenizer of --model or the server's /tokenize")
     e.add_argument("--chat", action="store_true",

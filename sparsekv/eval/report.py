@@ -21,8 +21,10 @@ Needle tasks put the (first) queried needle at the sample's depth (0 = start of 
 1 = end), cycling through the depths; the other needles sit at seeded random places.
 `attended_fraction` is the mean prefill fraction of causal (query, key) pairs attended.
 Prefill and decode seconds are per-request wall times while batched with others (in-process:
-`--batch-size` prompts per generate call; endpoint: time to the first streamed token and the
-rest, `--concurrency` requests in flight), so compare them between methods of one run."""
+up to `--batch-size` requests in flight; endpoint: time to the first streamed token and the
+rest, `--concurrency` requests in flight), so compare them between methods of one run. With
+`--chat` (results.json "chat") each prompt is the model's chat template around the question,
+the answer prefix opening the reply; lengths count the template's tokens."""
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

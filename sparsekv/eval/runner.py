@@ -135,7 +135,7 @@ class LocalRunner:
     sample is reported (and the progress bar moves) the moment it finishes, and a finished one
     is replaced at once (continuous batching, as a server would)."""
 
-    def __init__(self, make_llm: Callable[[], Any], model_name: str, batch_size: int = 16):
+    def __init__(self, make_llm: Callable[[], Any], model_name: str, batch_size: int = 8):
         self.make_llm, self.model_name, self.batch_size = make_llm, model_name, batch_size
         self.llm: Any = None
 

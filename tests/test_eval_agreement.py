@@ -104,9 +104,10 @@ def test_cells_default_clip_and_explicit_skip(caplog):
     budgets = {"passkey": 32, "niah_single": 128}
     assert lengths.cells(["passkey", "niah_single"], None, budgets, 8192, False) == [
         ("passkey", 4096), ("passkey", 8064), ("niah_single", 4096), ("niah_single", 8064)]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         got = lengths.cells(["passkey"], [2048, 8192, 16384], budgets, 8192, False)
-    assert got == [("passkey", 2048)] and "skipping length 8192" in caplog.text
+    assert got == [("passkey", 2048), ("passkey", 8160)]
+    assert "skipping length 16384" in caplog.text and "length 8192 clipped to 8160" in caplog.text
     assert lengths.cells(["passkey"], [16384], budgets, 8192, True) == [("passkey", 16384)]
 
 

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: passkey, niah_single, niah_single_varied, niah_multikey, niah_multikey_kv, "
                         "niah_multivalue, niah_multiquery, vt, cwe, fwe")
     e.add_argument("--lengths", type=_csv(int), default=None,
-                   help="prompt lengths in tokens (default: RULER's 4K, 8K, ... up to the model's context, the last "
-                        "clipped so the answer fits; longer asked-for lengths are skipped without a rope override)")
+                   help="prompt lengths in tokens (default: RULER's 4K, 8K, ... up to the model's context); one "
+                        "within the context but too long for the answer is clipped, one beyond it skipped unless a "
+                        "rope scaling override allows it")
     e.add_argument("--methods", type=_csv(str), default="dense", help="method presets or SparsityConfig JSON paths")
     e.add_argument("--samples", type=int, default=10, help="samples per task and length")
     e.add_argument("--depths", type=_csv(float), default=DEFAULT_DEPTHS,

@@ -35,28 +35,27 @@ def rope_override(hf_overrides: dict[str, Any] | None) -> bool:
 
 def cells(tasks: list[str], lengths: list[int] | None, budgets: dict[str, int], limit: int,
           explicit_rope: bool) -> list[tuple[str, int]]:
-    """(task, prompt length) pairs to run. `lengths` None: RULER's lengths up to `limit`, the last
-    clipped so that every task's prompt + budget fits (one column for all tasks). Asked-for
-    lengths that do not fit are skipped (logged), unless a rope override was given: then the
-    user knowingly runs past the model's own limit."""
-    if lengths is None:
-        room = limit - max(budgets[t] for t in tasks)
-        defaults = [n for n in RULER_LENGTHS if n <= limit] or [limit]
-        if defaults[-1] > room:
-            log.info("length %d clipped to %d so that prompts and answers (up to %d tokens) fit the model's "
-                     "%d-token context", defaults[-1], room, limit - room, limit)
-        return [(t, min(n, room)) for t in tasks for n in dict.fromkeys(min(n, room) for n in defaults)]
+    """(task, prompt length) pairs to run; `lengths` None means RULER's lengths up to `limit`.
+
+    A length up to `limit` whose prompt + answer budget does not fit is clipped to what every
+    task fits (one column for all tasks), so "8K" on an 8K model runs; a length beyond `limit`
+    is skipped, unless a rope override was given: then the user knowingly runs past the
+    model's own context. Both are logged."""
+    room = limit - max(budgets[t] for t in tasks)
+    wanted = lengths if lengths is not None else [n for n in RULER_LENGTHS if n <= limit] or [limit]
     out = []
-    for task in tasks:
-        for n in lengths:
-            if n + budgets[task] > limit and not explicit_rope:
-                log.warning("%s: skipping length %d: with %d answer tokens it exceeds the model's %d-token "
-                            "context (a rope scaling override, e.g. --hf-overrides "
-                            "'{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 2.0}}', runs it)",
-                            task, n, budgets[task], limit)
-                continue
-            out.append((task, n))
-    return out
+    for n in dict.fromkeys(wanted):
+        if n > limit and not explicit_rope:
+            log.warning("skipping length %d: it exceeds the model's %d-token context (a rope scaling override, "
+                        "e.g. --hf-overrides '{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 2.0}}', "
+                        "runs it)", n, limit)
+            continue
+        fits = explicit_rope or all(n + budgets[t] <= limit for t in tasks)
+        if not fits:
+            log.info("length %d clipped to %d so that prompts and answers (up to %d tokens) fit the model's "
+                     "%d-token context", n, room, limit - room, limit)
+        out += [(t, n if fits else room) for t in tasks]
+    return sorted(dict.fromkeys(out), key=lambda c: tasks.index(c[0]))
 
 
 def parse_overrides(text: str | None) -> dict[str, Any] | None:

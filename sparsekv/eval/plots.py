@@ -102,6 +102,25 @@ def score_vs_attended(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def error_by_layer(agreement: list[dict], path: Path) -> Path:
+    """Relative attention-output error against dense per layer, one line per (method, length)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        for method in unique(r["method"] for r in agreement):
+            for n in sorted(unique(r["length"] for r in agreement)):
+                curves = [r[f"{phase}_rel_error_by_layer"] for r in agreement
+                          if r["method"] == method and r["length"] == n and f"{phase}_rel_error_by_layer" in r]
+                if curves:
+                    ax.plot([mean(v) for v in zip(*curves)], marker=".", label=f"{method} {n}")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{phase} rows")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("||A - A_dense|| / ||A_dense||")
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def draw_all(out: Path, rows: list[dict]) -> list[Path]:
     figs = [score_vs_length(rows, out / "score_vs_length.png"), score_vs_attended(rows, out / "score_vs_attended.png")]
     for method in unique(r["method"] for r in rows):

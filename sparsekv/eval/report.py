@@ -21,8 +21,10 @@ Needle tasks put the (first) queried needle at the sample's depth (0 = start of 
 1 = end), cycling through the depths; the other needles sit at seeded random places.
 `attended_fraction` is the mean prefill fraction of causal (query, key) pairs attended.
 Prefill and decode seconds are per-request wall times while batched with others (in-process:
-`--batch-size` prompts per generate call; endpoint: time to the first streamed token and the
-rest, `--concurrency` requests in flight), so compare them between methods of one run."""
+up to `--batch-size` requests in flight; endpoint: time to the first streamed token and the
+rest, `--concurrency` requests in flight), so compare them between methods of one run. With
+`--chat` (results.json "chat") each prompt is the model's chat template around the question,
+the answer prefix opening the reply; lengths count the template's tokens."""
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -88,7 +90,31 @@ def _stats_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(model: str, rows: list[dict], figures: list[str]) -> str:
+AGREEMENT_NOTES = """\
+Dense generates greedily; each method is then teacher-forced on dense's tokens (every forced
+token through a real decode step of the method). top-1: the share of those steps where the
+method's argmax equals dense's token; first token: the share of prompts whose first answer
+token agrees (it comes from the prefill). Attention error: per layer ||A - A_dense|| / ||A_dense||
+of the attention output (the input of o_proj), averaged over layers, over prompt rows (prefill)
+and forced rows (decode); it compounds the differences of earlier layers. Block recall (prefill
+methods): on dense's Q/K of a few layers, the share of dense block attention mass inside the
+selected blocks, and the share of the true top-n blocks selected (n = blocks selected per row)."""
+
+
+def _agreement_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | task | length | n | top-1 | first token | attn err prefill | attn err decode | "
+             "block mass recall | block top-n recall |", "|---" * 10 + "|"]
+    for r in rows:
+        rec = list((r.get("block_recall") or {}).values())
+        lines.append(f"| {r['method']} | {r['task']} | {r['length']} | {r['n']} | {_fmt(100 * r['top1_agreement'])} | "
+                     f"{_fmt(100 * r['first_token_agreement'])} | {_fmt(r.get('prefill_rel_error'), digits=4)} | "
+                     f"{_fmt(r.get('decode_rel_error'), digits=4)} | "
+                     f"{_fmt(_mean(x['mass_recall'] for x in rec), digits=3)} | "
+                     f"{_fmt(_mean(x['topk_recall'] for x in rec), digits=3)} |")
+    return lines
+
+
+def markdown(model: str, rows: list[dict], figures: list[str], agreement: list[dict] | None = None) -> str:
     methods = unique(r["method"] for r in rows)
     n = unique(r["n"] for r in rows)
     out = [f"# Long-context eval: {model}", "", f"Samples per cell: {', '.join(map(str, n))}.", "", NOTES, ""]
@@ -99,16 +125,22 @@ def markdown(model: str, rows: list[dict], figures: list[str]) -> str:
             if m != "dense":
                 out += [f"## {m} minus dense", "", *_table(rows, m, base="dense"), ""]
     out += ["## Attended fraction, KV bytes and time (means over tasks and samples)", "", *_stats_table(rows), ""]
+    if agreement:
+        out += ["## Agreement with dense", "", AGREEMENT_NOTES, "", *_agreement_table(agreement), ""]
     out += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(out) + "\n"
 
 
-def write(out: Path, model: str, rows: list[dict], meta: dict | None = None) -> list[Path]:
+def write(out: Path, model: str, rows: list[dict], meta: dict | None = None,
+          agreement: list[dict] | None = None) -> list[Path]:
     """DIR/results.json, DIR/report.md and the PNGs; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    results.write_text(json.dumps({"model": model, **(meta or {}), "rows": rows}, indent=1) + "\n")
+    extra = {"agreement": agreement} if agreement else {}
+    results.write_text(json.dumps({"model": model, **(meta or {}), "rows": rows, **extra}, indent=1) + "\n")
     figures = plots.draw_all(out, rows)
+    if agreement:
+        figures.append(plots.error_by_layer(agreement, out / "attention_error_by_layer.png"))
     report = out / "report.md"
-    report.write_text(markdown(model, rows, [f.name for f in figures]))
+    report.write_text(markdown(model, rows, [f.name for f in figures], agreement))
     return [results, report, *figures]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from sparsekv.eval.tasks import Sample
 
 log = logging.getLogger(__name__)
 
+_ids = itertools.count()
 Key = tuple[str, int, str, int, "float | None"]  # task, length, method, index, depth
 
 
@@ -129,43 +131,60 @@ def evaluate(runner: Runner, samples: list[Sample], methods: dict[str, SparsityC
 
 class LocalRunner:
     """The engine in this process, built on first use (a fully cached run never loads the
-    model); samples go in batches, one `generate` call each."""
+    model). Up to `batch_size` samples are in flight; the step loop is driven here, so each
+    sample is reported (and the progress bar moves) the moment it finishes, and a finished one
+    is replaced at once (continuous batching, as a server would)."""
 
-    def __init__(self, make_llm: Callable[[], Any], model_name: str, batch_size: int = 16):
+    def __init__(self, make_llm: Callable[[], Any], model_name: str, batch_size: int = 8):
         self.make_llm, self.model_name, self.batch_size = make_llm, model_name, batch_size
         self.llm: Any = None
 
     def run(self, samples: list[Sample], method: str, sparsity: SparsityConfig, done: Done) -> None:
         self.llm = self.llm or self.make_llm()
-        try:  # warm-up (lazy init, kernel compilation) outside the timed batches; errors show up below
+        try:  # warm-up (lazy init, kernel compilation) outside the timed samples; errors show up below
             self.llm.generate([samples[0].prompt], SamplingParams(temperature=0.0, max_tokens=2), sparsity=sparsity,
                               use_tqdm=False)
         except Exception:  # noqa: BLE001
             self._abort_all()
-        for i in range(0, len(samples), self.batch_size):
-            self._batch(samples[i:i + self.batch_size], sparsity, done)
+        self._window(samples, sparsity, done, self.batch_size)
 
-    def _batch(self, batch: list[Sample], sparsity: SparsityConfig, done: Done) -> None:
-        params = [SamplingParams(temperature=0.0, max_tokens=s.max_tokens) for s in batch]
-        try:
-            outs = self.llm.generate([s.prompt for s in batch], params, sparsity=sparsity, use_tqdm=False)
-        except Exception as e:  # noqa: BLE001 - a failing prompt must not sink the run
-            if len(batch) == 1:
-                done(batch[0], Result(error=f"{type(e).__name__}: {e}"))
-                return
-            log.warning("a batch failed (%s); running its samples one by one", e)
-            self._abort_all()
-            for s in batch:
-                self._batch([s], sparsity, done)
-            return
-        for s, out in zip(batch, outs):
-            stats = out.sparsity.as_dict()
-            done(s, Result(text=out.outputs[0].text, prompt_tokens=len(out.prompt_token_ids),
-                           prefill_seconds=out.metrics.prefill_seconds, decode_seconds=out.metrics.decode_seconds,
-                           **{f: stats.get(f) for f in STAT_FIELDS}))
+    def _window(self, samples: list[Sample], sparsity: SparsityConfig, done: Done, width: int) -> None:
+        engine = self.llm.engine
+        queue, flight = list(samples)[::-1], {}
+        while queue or flight:
+            while queue and len(flight) < width:
+                s = queue.pop()
+                rid = f"eval-{next(_ids)}"
+                try:
+                    engine.add_request(rid, s.prompt, SamplingParams(temperature=0.0, max_tokens=s.max_tokens),
+                                       sparsity)
+                except ValueError as e:  # too long, bad config: this sample only
+                    done(s, Result(error=f"ValueError: {e}"))
+                    continue
+                flight[rid] = s
+            try:
+                outs = engine.step()
+            except Exception as e:  # noqa: BLE001 - a failing prompt must not sink the run
+                self._abort_all()
+                if len(flight) == 1:
+                    done(next(iter(flight.values())), Result(error=f"{type(e).__name__}: {e}"))
+                else:
+                    log.warning("a step failed (%s); running its %d samples one by one", e, len(flight))
+                    for s in flight.values():
+                        self._window([s], sparsity, done, 1)
+                flight = {}
+                continue
+            for out in outs:
+                if out.finished and out.request_id in flight:
+                    s = flight.pop(out.request_id)
+                    stats = out.sparsity.as_dict()
+                    done(s, Result(text=out.outputs[0].text, prompt_tokens=len(out.prompt_token_ids),
+                                   prefill_seconds=out.metrics.prefill_seconds,
+                                   decode_seconds=out.metrics.decode_seconds,
+                                   **{f: stats.get(f) for f in STAT_FIELDS}))
 
     def _abort_all(self) -> None:
-        """Drop what a failed generate call left queued in the engine."""
+        """Drop what a failed step left queued in the engine."""
         for rid in list(self.llm.engine.requests):
             self.llm.engine.abort_request(rid)
 

@@ -57,6 +57,37 @@ TEMPLATES: dict[str, dict[str, str]] = {
 }
 
 
+# Marks where the question ends and the answer prefix starts while a prompt is built; `Format`
+# turns the marked text into the final prompt (plain: drop the mark; chat: template around it).
+ANSWER = "\x1f"
+Format = Callable[[str, str], str]  # (user text, answer prefix) -> prompt text
+
+
+def plain(user: str, answer_prefix: str) -> str:
+    return user + answer_prefix
+
+
+def chat_format(tokenizer) -> Format:
+    """The question as one user turn of the tokenizer's chat template, the answer prefix opening
+    the assistant's reply (as RULER appends it after the template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat template")
+
+    def fmt(user: str, answer_prefix: str) -> str:
+        head = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
+                                             add_generation_prompt=True)
+        return head + answer_prefix.lstrip()
+    return fmt
+
+
+def render_prompt(text: str, fmt: Format) -> str:
+    """A marked prompt in its final form; text without the mark (a fragment being measured) as it is."""
+    if ANSWER not in text:
+        return text
+    user, answer = text.split(ANSWER)
+    return fmt(user, answer)
+
+
 @dataclass(frozen=True)
 class Sample:
     task: str
@@ -111,7 +142,7 @@ def _niah(rng: random.Random, depth: float | None, count: hs.Count, length: int,
     stream = {"noise": hs.noise_stream, "varied": lambda: hs.varied_stream(unit_rng),
               "needles": lambda: _needles_stream(unit_rng, set(keys), set(vals))}[hay]()
     sep = "\n" if hay == "needles" else " "
-    head, tail = t["intro"], t["question"].format(query=query) + t["answer_prefix"].format(query=query)
+    head, tail = t["intro"], t["question"].format(query=query) + ANSWER + t["answer_prefix"].format(query=query)
 
     def render(n: int, pad: Sequence[str]) -> str:
         return head + hs.context(stream, n, pad, needles, sep) + tail
@@ -128,7 +159,7 @@ def _vt(rng: random.Random, depth: float | None, count: hs.Count, length: int, h
     needles = list(zip(sorted(rng.random() for _ in stmts), stmts))
     stream = hs.noise_stream()
     head = t["intro"]
-    tail = t["question"].format(value=value) + t["answer_prefix"].format(count=len(names), value=value)
+    tail = t["question"].format(value=value) + ANSWER + t["answer_prefix"].format(count=len(names), value=value)
 
     def render(n: int, pad: Sequence[str]) -> str:
         return head + hs.context(stream, n, pad, needles) + tail
@@ -146,7 +177,7 @@ def _cwe(rng: random.Random, depth: float | None, count: hs.Count, length: int, 
     lo = max(1, hi // 5)
     order_seed = rng.random()
     head = t["intro"]
-    tail = t["question"].format(k=k) + t["answer_prefix"].format(k=k)
+    tail = t["question"].format(k=k) + ANSWER + t["answer_prefix"].format(k=k)
 
     def render(n: int, pad: Sequence[str]) -> str:
         if n > len(rare):
@@ -168,7 +199,7 @@ def _fwe(rng: random.Random, depth: float | None, count: hs.Count, length: int, 
     draw_rng = random.Random(rng.random())
     stream = hs.Stream(lambda i: draw_rng.choices(codes, weights=weights)[0])
     head = t["intro"]
-    tail = t["question"] + t["answer_prefix"]
+    tail = t["question"] + ANSWER + t["answer_prefix"]
 
     def ranked(n: int) -> list[str]:
         counts = Counter(stream.take(n))
@@ -213,11 +244,13 @@ def depth_for(task: str, index: int, depths: Sequence[float]) -> float | None:
 
 
 def generate(task: str, length: int, index: int, count: hs.Count, seed: int = 0,
-             depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> Sample:
-    """Sample `index` of `task` at `length` tokens; the same arguments give the same sample."""
+             depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), fmt: Format = plain) -> Sample:
+    """Sample `index` of `task` at `length` tokens in the prompt format `fmt` (the length counts
+    the template's tokens too); the same arguments give the same sample."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     spec, depth = TASKS[task], depth_for(task, index, depths)
     rng = random.Random(f"{seed}:{task}:{length}:{index}")
-    fitted, refs = spec.build(rng, depth, count, length)
-    return Sample(task, length, index, depth, fitted.text, tuple(refs), spec.max_tokens, spec.metric, fitted.tokens)
+    fitted, refs = spec.build(rng, depth, lambda text: count(render_prompt(text, fmt)), length)
+    return Sample(task, length, index, depth, render_prompt(fitted.text, fmt), tuple(refs), spec.max_tokens,
+                  spec.metric, fitted.tokens)

@@ -109,18 +109,30 @@ def transformers_decode(model, batch: int, context: int, steps: int, repeats: in
 
 
 def prefill_rates(model_path: str, hf_model, dtype: str, context: int, repeats: int) -> dict:
+    """One prompt through each engine, alternating (after a warm-up of each), medians."""
     from sparsekv import LLM, SamplingParams
 
     ids = torch.randint(100, 1000, (context,), generator=torch.Generator().manual_seed(1)).tolist()
     llm = LLM(model_path, dtype=dtype, max_model_len=context + 8, max_num_seqs=1, max_num_batched_tokens=context,
               enable_prefix_caching=False)
-    ours = median_time(lambda: llm.generate([ids], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False),
-                       repeats)
+
+    def ours() -> None:
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            hf_model(input_ids=torch.tensor([ids]), use_cache=True)
+    times: dict = {ours: [], theirs: []}
+    for r in range(repeats + 1):
+        for fn in (ours, theirs):
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[fn].append(time.perf_counter() - t)
     del llm
     gc.collect()
-    with torch.inference_mode():
-        theirs = median_time(lambda: hf_model(input_ids=torch.tensor([ids]), use_cache=True), repeats)
-    return {"sparsekv_tok_s": context / ours, "transformers_tok_s": context / theirs}
+    return {"sparsekv_tok_s": context / statistics.median(times[ours]),
+            "transformers_tok_s": context / statistics.median(times[theirs])}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -161,8 +173,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill", default="4096,16384", help="prefill lengths ('' to skip)")
-    p.add_argument("--prefill-repeats", type=int, default=1, help="timed prefills after a warm-up")
+    p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills of each after a warm-up")
     p.add_argument("--output", default=str(RESULTS / "engine.json"))
+    p.add_argument("--only-prefill", action="store_true", help="keep the decode rows of an earlier --output")
     args = p.parse_args()
     args.model = args.model or default_model()
     dtype = getattr(torch, args.dtype)
@@ -176,7 +189,11 @@ def main() -> None:
     bandwidth = read_bandwidth()
     result = {**cpu_description(), "model": args.model, "dtype": args.dtype, "read_bandwidth_gbs": bandwidth / 1e9,
               "weight_bytes": weight_bytes, "rows": []}
-    for b in [int(x) for x in args.batches.split(",")]:
+    if args.only_prefill:
+        earlier = json.loads(Path(args.output).read_text())
+        result = {**earlier, "rows": [r for r in earlier["rows"] if r["phase"] == "decode"]}
+        args.batches = ""
+    for b in [int(x) for x in args.batches.split(",") if x]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
             ours = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats)
             theirs = transformers_decode(hf, b, ctx, args.steps, args.repeats, dtype)

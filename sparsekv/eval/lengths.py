@@ -6,7 +6,6 @@ is skipped with a log line unless a rope scaling override stretches the context.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 

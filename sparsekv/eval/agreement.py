@@ -95,7 +95,7 @@ def agreement(llm, samples: list[Sample], methods: dict[str, SparsityConfig], qk
         prompt_len = len(engine.tokenizer.encode(s.prompt))
         with capture(model, qk_layers) as ref:
             dense_tokens = forced_run(engine, s.prompt, SparsityConfig(), s.max_tokens, None, ref)
-        qk = {layer: tuple(x[:, :prompt_len] for x in ref.qk(layer, model)) for layer in qk_layers}
+        qk = {layer: tuple(x[:, :prompt_len] for x in ref.qk(layer)) for layer in qk_layers}
         for name, cfg in methods.items():
             if name == "dense":
                 continue

@@ -1,4 +1,4 @@
-"""End-to-end decode speed on the shipped model at long context: dense vs DELTA vs Quest.
+"""End-to-end decode speed on the default model at long context: dense vs DELTA vs Quest.
 
 One request per (length, method), same prompt, same run: decode tokens/s is (generated - 1)
 tokens over the time from the first token to the last (the engine's own request metrics), so
@@ -18,6 +18,7 @@ import torch
 
 def main() -> None:
     from sparsekv import LLM, SamplingParams
+    from sparsekv.bench.bandwidth import cpu_description
     from sparsekv.config import preset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,9 +55,8 @@ def main() -> None:
                 r["speedup_vs_dense"] = round(r["decode_tok_s"] / dense, 2)
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"device": "cpu", "model": llm.engine.model_name, "dtype": args.dtype,
-                                    "threads": torch.get_num_threads(), "output_len": args.output_len,
-                                    "rows": rows}, indent=1))
+    out_path.write_text(json.dumps({**cpu_description(), "model": llm.engine.model_name, "dtype": args.dtype,
+                                    "output_len": args.output_len, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """XAttention's block selection: strided antidiagonal scoring and threshold selection (PyTorch).
 
 Query blocks are aligned to absolute positions (block I covers [I*B, (I+1)*B)), so a chunk of a
-chunked prefill scores and selects exactly what the unchunked prefill does for the same block.
+chunked prefill that starts on a block boundary scores and selects exactly what the unchunked
+prefill does for the same block; a chunk starting mid-block scores that block from its own
+queries only.
 The scoring here is the CPU path and the reference for kernels/xattn_score.py; the selection
 runs on whichever device the scores live on.
 """

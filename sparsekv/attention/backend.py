@@ -9,6 +9,7 @@ torch, the cache's tensors and their kernels: never the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -42,6 +43,13 @@ class Plan:
     @property
     def scale(self) -> float:
         return self.shape.scale
+
+    @cached_property
+    def dense_pairs(self) -> torch.Tensor:
+        """float64 [num_reqs]: the causal pairs over query heads one layer of dense attention
+        attends, built once per step on the device."""
+        pairs = [p * self.shape.num_heads for p in self.group.causal_pairs_cpu()]
+        return torch.tensor(pairs, dtype=torch.float64, device=self.attended.device)
 
 
 class BackendParams(BaseModel):

@@ -9,16 +9,15 @@ KV cache is kept, so a later Δ-layer may pick pages an earlier one dropped.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
 from sparsekv.attention.metadata import BatchGroup
-from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, num_pages, pad_stack, pool_ratio,
+from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, pad_stack, past_budget, pool_ratio,
                                             select_pages)
 from sparsekv.attention.paged import decode_segments, kv_segments
 from sparsekv.cache.kv_cache import LayerKV
@@ -69,10 +68,8 @@ class DeltaBackend(AttentionBackend):
         base = super().plan(group, shape)
         p = self.params
         layers = p.delta_layers if p.delta_layers is not None else default_delta_layers(shape.num_layers)
-        active = [i for i, n in enumerate(group.seq_lens_cpu) if n > p.budget]
-        ps = group.meta.page_size
-        pool_pages = torch.tensor([num_pages(group.seq_lens_cpu[i], ps) for i in active], device=base.attended.device)
-        return DeltaPlan(base.group, shape, base.attended, tuple(layers), active, pool_pages)
+        return DeltaPlan(base.group, shape, base.attended, tuple(layers),
+                         *past_budget(group, p.budget, base.attended.device))
 
     def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DeltaPlan) -> torch.Tensor:
         if layer in plan.delta_layers:
@@ -105,7 +102,7 @@ class DeltaBackend(AttentionBackend):
         """Dense attention for every request; a fresh selection for those past the budget."""
         p = self.params
         out, scores = self.dense_and_scores(q, kv, plan)
-        plan.attended += torch.tensor(plan.group.seq_lens_cpu, dtype=torch.float64, device=q.device) * q.shape[1]
+        plan.attended += plan.dense_pairs
         if scores is not None:
             with torch.profiler.record_function("delta.select"):  # reported by `bench attention`
                 sel = select_pages(scores, plan.pool_pages, pool_ratio(p.page_size, kv.page_size), "sum",

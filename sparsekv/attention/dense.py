@@ -7,50 +7,42 @@ Triton kernels with every page listed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from sparsekv.attention.backend import AttentionBackend, AttnShape, Plan, register
+from sparsekv.attention.backend import AttentionBackend, Plan, register
 from sparsekv.attention.kernels import cpu_decode
 from sparsekv.attention.metadata import BatchGroup
-from sparsekv.attention.paged import decode_segments, gather_kv, kv_segments, prefill_attention
+from sparsekv.attention.paged import decode_segments, kv_segments, prefill_attention, request_kv
 from sparsekv.cache.kv_cache import LayerKV
-
-
-@dataclass(eq=False)
-class DensePlan(Plan):
-    pairs: torch.Tensor  # float64 [n]: causal pairs per layer, over query heads
-
-
-def dense_pairs(group: BatchGroup, shape: AttnShape) -> torch.Tensor:
-    return torch.tensor([p * shape.num_heads for p in group.causal_pairs_cpu()], dtype=torch.float64,
-                        device=group.meta.seq_lens.device)
 
 
 def dense_decode_torch(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: float,
                        rows: list[int] | None = None) -> torch.Tensor:
-    """The PyTorch reference decode for the group's requests (or `rows` of them), one at a time."""
-    out = torch.empty_like(q)
+    """The PyTorch reference decode of the group's requests (or `rows` of them), one at a time:
+    q holds every request's row; the output has one row per decoded request."""
+    rows = range(group.num_reqs) if rows is None else rows
+    out = q.new_empty((len(rows), *q.shape[1:]))
     tables, lens, runs = group.block_tables_cpu, group.seq_lens_cpu, group.page_runs
-    for i in range(group.num_reqs) if rows is None else rows:
-        segs = kv_segments(kv, tables[i], lens[i], runs[i])
-        out[i] = decode_segments(q[i], segs, scale)
+    for j, i in enumerate(rows):
+        out[j] = decode_segments(q[i], kv_segments(kv, tables[i], lens[i], runs[i]), scale)
     return out
 
 
-def dense_decode(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: float) -> torch.Tensor:
-    """One query per request over all its keys: the compiled kernel when it is available."""
+def dense_decode(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: float,
+                 rows: list[int] | None = None) -> torch.Tensor:
+    """One query per request (or per request in `rows`) over all its keys, in one call of the
+    compiled kernel when it is available."""
     if cpu_decode.available() and cpu_decode.supports(q):
-        return cpu_decode.paged_decode_cpu(q, kv.k, kv.v, group.block_table, group.seq_lens, scale)
-    return dense_decode_torch(q, kv, group, scale)
+        if rows is None:
+            return cpu_decode.paged_decode_cpu(q, kv.k, kv.v, group.block_table, group.seq_lens, scale)
+        return cpu_decode.paged_decode_cpu(q[rows], kv.k, kv.v, group.block_table[rows], group.seq_lens[rows], scale)
+    return dense_decode_torch(q, kv, group, scale, rows)
 
 
 def dense_prefill(q: torch.Tensor, kv: LayerKV, group: BatchGroup, scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
-    for i, (start, n) in enumerate(zip(group.query_start_cpu, group.q_lens_cpu)):
-        k, v = gather_kv(kv, group.block_tables_cpu[i], group.seq_lens_cpu[i], group.page_runs[i])
-        out[start:start + n] = prefill_attention(q[start:start + n], k, v, scale)
+    for rows, k, v in request_kv(kv, group):
+        out[rows] = prefill_attention(q[rows], k, v, scale)
     return out
 
 
@@ -59,12 +51,8 @@ class DenseBackend(AttentionBackend):
     name = "dense"
     phases = ("prefill", "decode")
 
-    def plan(self, group: BatchGroup, shape: AttnShape) -> DensePlan:
-        base = super().plan(group, shape)
-        return DensePlan(base.group, shape, base.attended, dense_pairs(group, shape))
-
-    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DensePlan) -> torch.Tensor:
-        plan.attended += plan.pairs
+    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: Plan) -> torch.Tensor:
+        plan.attended += plan.dense_pairs
         g = plan.group
         if g.phase == "decode":
             return dense_decode(q, kv, g, plan.scale)
@@ -77,11 +65,11 @@ class DenseTriton(DenseBackend):
 
     device = "cuda"
 
-    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DensePlan) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: Plan) -> torch.Tensor:
         from sparsekv.attention.kernels.decode import paged_decode
         from sparsekv.attention.kernels.prefill import paged_prefill
 
-        plan.attended += plan.pairs
+        plan.attended += plan.dense_pairs
         if plan.group.phase == "decode":
             return paged_decode(q, kv, plan.group, plan.scale)
         return paged_prefill(q, kv, plan.group, plan.scale)

@@ -75,10 +75,9 @@ class BatchGroup:
     def query_start_cpu(self) -> list[int]:
         return [x - self.token_start for x in self.meta.query_start_loc_cpu[self.req_start:self.req_end]]
 
-    @cached_property
+    @property
     def q_lens_cpu(self) -> list[int]:
-        loc = self.meta.query_start_loc_cpu
-        return [loc[i + 1] - loc[i] for i in range(self.req_start, self.req_end)]
+        return self.meta.q_lens_cpu[self.req_start:self.req_end]
 
     @property
     def seq_lens_cpu(self) -> list[int]:
@@ -140,7 +139,7 @@ class AttnMetadata:
     page_runs: list[tuple[tuple[int, int], ...]]
     rope_lens_cpu: list[int]
 
-    @property
+    @cached_property
     def q_lens_cpu(self) -> list[int]:
         loc = self.query_start_loc_cpu
         return [b - a for a, b in zip(loc, loc[1:])]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from sparsekv.attention.backend import Plan
-from sparsekv.attention.dense import dense_decode, dense_decode_torch
+from sparsekv.attention.dense import dense_decode
+from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.kernels import cpu_decode
 from sparsekv.cache.kv_cache import LayerKV
 
@@ -25,6 +26,14 @@ def pool_ratio(page_size: int, pool_page_size: int) -> int:
 
 def num_pages(context_len: int, page_size: int) -> int:
     return -(-context_len // page_size)
+
+
+def past_budget(group: BatchGroup, budget: int, device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """The group's requests whose context exceeds `budget` (the others attend densely) and their
+    pool-page counts on the device: what Quest and DELTA plan once per step."""
+    active = [i for i, n in enumerate(group.seq_lens_cpu) if n > budget]
+    pages = [num_pages(group.seq_lens_cpu[i], group.meta.page_size) for i in active]
+    return active, torch.tensor(pages, device=device)
 
 
 def select_pages(scores: torch.Tensor, pool_pages: torch.Tensor, ratio: int, reduce: str,
@@ -93,14 +102,13 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[torch.Ten
     Adds each request's attended pairs to plan.attended."""
     g, hq = plan.group, q.shape[1]
     if all(p is None for p in pages):
-        plan.attended += torch.tensor(g.seq_lens_cpu, dtype=torch.float64, device=q.device) * hq
+        plan.attended += plan.dense_pairs
         return dense_decode(q, kv, g, plan.scale)
     out = torch.empty_like(q)
     dense_rows = [i for i, p in enumerate(pages) if p is None]
     if dense_rows:
-        out[dense_rows] = dense_decode_torch(q, kv, g, plan.scale, dense_rows)[dense_rows]
-        plan.attended[dense_rows] += torch.tensor([g.seq_lens_cpu[i] * hq for i in dense_rows],
-                                                  dtype=torch.float64, device=q.device)
+        out[dense_rows] = dense_decode(q, kv, g, plan.scale, dense_rows)
+        plan.attended[dense_rows] += plan.dense_pairs[dense_rows]
     rows = [i for i, p in enumerate(pages) if p is not None]
     lists = pad_stack([pages[i] for i in rows], -1)
     lens = g.seq_lens[rows].long()
@@ -121,7 +129,7 @@ def decode_pages_triton(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[to
 
     g, hq, ps, hkv = plan.group, q.shape[1], kv.page_size, kv.k.shape[1]
     if all(p is None for p in pages):
-        plan.attended += g.seq_lens.to(torch.float64) * hq
+        plan.attended += plan.dense_pairs
         return paged_decode(q, kv, g, plan.scale)
     full = [p.to(q.device) if p is not None else
             torch.arange(num_pages(n, ps), device=q.device).expand(hkv, -1)

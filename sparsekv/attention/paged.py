@@ -1,9 +1,11 @@
 """Reading a sequence's keys and values out of the paged pool (PyTorch path)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
-from sparsekv.attention.metadata import page_runs
+from sparsekv.attention.metadata import BatchGroup, page_runs
 from sparsekv.cache.kv_cache import LayerKV
 
 
@@ -17,6 +19,14 @@ def gather_kv(kv: LayerKV, block_table: torch.Tensor, context_len: int,
     n = (context_len + kv.page_size - 1) // kv.page_size
     runs = runs or page_runs(block_table[:n].tolist())
     return kv_segments(kv, block_table, context_len, runs, min_run=1 if len(runs) == 1 else n + 1)[0]
+
+
+def request_kv(kv: LayerKV, group: BatchGroup) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Per request of a prefill group: its q rows and its keys and values [Hkv, context_len, D]
+    (read in place where its pages are consecutive)."""
+    for i, (start, n) in enumerate(zip(group.query_start_cpu, group.q_lens_cpu)):
+        k, v = gather_kv(kv, group.block_tables_cpu[i], group.seq_lens_cpu[i], group.page_runs[i])
+        yield slice(start, start + n), k, v
 
 
 def kv_segments(kv: LayerKV, block_table: torch.Tensor, context_len: int,

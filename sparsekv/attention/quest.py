@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
 from sparsekv.attention.metadata import BatchGroup
-from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, num_pages, pad_stack, pool_ratio,
+from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, pad_stack, past_budget, pool_ratio,
                                             select_pages)
 from sparsekv.cache.kv_cache import PAGE_BOUNDS, LayerKV
 
@@ -68,10 +68,7 @@ class QuestBackend(AttentionBackend):
 
     def plan(self, group: BatchGroup, shape: AttnShape) -> QuestPlan:
         base = super().plan(group, shape)
-        active = [i for i, n in enumerate(group.seq_lens_cpu) if n > self.params.budget]
-        ps = group.meta.page_size
-        pool_pages = torch.tensor([num_pages(group.seq_lens_cpu[i], ps) for i in active], device=base.attended.device)
-        return QuestPlan(base.group, shape, base.attended, active, pool_pages)
+        return QuestPlan(base.group, shape, base.attended, *past_budget(group, self.params.budget, base.attended.device))
 
     def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: QuestPlan) -> torch.Tensor:
         with torch.profiler.record_function("quest.select"):  # the range `bench attention` reports

@@ -17,7 +17,6 @@ def build_routes(meta: AttnMetadata, phases: list[str], per_request: list[list[L
                  shape: AttnShape, device: str) -> tuple[list[list[Route]], list[Plan]]:
     """per_request[i][layer] -> routes per layer (covering all tokens in order) and every plan."""
     plans: dict[tuple, Plan] = {}
-    loc = meta.query_start_loc_cpu
     layers = []
     for layer in range(shape.num_layers):
         routes, i = [], 0
@@ -30,7 +29,8 @@ def build_routes(meta: AttnMetadata, phases: list[str], per_request: list[list[L
             pk = (id(backend), i, j)
             if pk not in plans:
                 plans[pk] = backend.plan(meta.group(key[0], i, j), shape)
-            routes.append(Route(backend, plans[pk], loc[i], loc[j]))
+            group = plans[pk].group
+            routes.append(Route(backend, plans[pk], group.token_start, group.token_end))
             i = j
         layers.append(routes)
     return layers, list(plans.values())

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, BackendParams, Plan, register
-from sparsekv.attention.paged import gather_kv, prefill_attention
+from sparsekv.attention.paged import prefill_attention, request_kv
 from sparsekv.cache.kv_cache import LayerKV
 from sparsekv.attention.streams import run_streams
 from sparsekv.attention.xattention_select import (
@@ -62,12 +62,9 @@ class XAttentionBackend(AttentionBackend):
         return self.attend(q, kv, plan, head_thresholds(p.threshold, layer, q.shape[1]))
 
     def attend(self, q: torch.Tensor, kv: LayerKV, plan: Plan, taus: torch.Tensor) -> torch.Tensor:
-        g, out = plan.group, torch.empty_like(q)
-        attended = []
-        for i, (start, n) in enumerate(zip(g.query_start_cpu, g.q_lens_cpu)):
-            k, v = gather_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], g.page_runs[i])
-            out[start:start + n], pairs = _forward_seq(self.params, taus, q[start:start + n], k, v,
-                                                       g.seq_lens_cpu[i], plan.scale)
+        out, attended = torch.empty_like(q), []
+        for rows, k, v in request_kv(kv, plan.group):
+            out[rows], pairs = _forward_seq(self.params, taus, q[rows], k, v, k.shape[1], plan.scale)
             attended.append(pairs)
         plan.attended += torch.stack(attended).to(torch.float64)
         return out

@@ -82,7 +82,7 @@ class ModelRunner:
         """Side tables of the server's configured methods, counted in the KV budget up front
         (a request that picks another method allocates its tables on first use)."""
         specs = {}
-        for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
+        for spec in (sp.prefill, sp.decode):
             for s in backend_class(spec.method, self.device.type).kv_spec:
                 specs[s.name] = s
         return tuple(specs.values())

@@ -26,6 +26,7 @@ from sparsekv.config import SparsityConfig
 from sparsekv.engine.sampling_params import SamplingParams
 from sparsekv.eval import blocks
 from sparsekv.eval.capture import Capture, capture
+from sparsekv.eval.report import by_cell
 from sparsekv.eval.tasks import Sample
 
 _ids = itertools.count()
@@ -120,11 +121,8 @@ def agreement(llm, samples: list[Sample], methods: dict[str, SparsityConfig], qk
 
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (task, length, method): means over samples (per layer for the errors)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["task"], r["length"], r["method"]), []).append(r)
     rows = []
-    for (task, length, method), recs in groups.items():
+    for (task, length, method), recs in by_cell(records).items():
         row: dict[str, Any] = {"task": task, "length": length, "method": method, "n": len(recs),
                                "top1_agreement": mean(r["top1_agreement"] for r in recs),
                                "first_token_agreement": mean(float(r["first_token_agrees"]) for r in recs)}

@@ -32,13 +32,18 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return mean(vals) if vals else None
 
 
-def build_rows(records: list[dict]) -> list[dict]:
-    """One row per (task, length, method), in the order the records come."""
+def by_cell(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Records grouped by (task, length, method), in the order they come."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["length"], r["method"]), []).append(r)
+    return groups
+
+
+def build_rows(records: list[dict]) -> list[dict]:
+    """One row per (task, length, method), in the order the records come."""
     rows = []
-    for (task, length, method), recs in groups.items():
+    for (task, length, method), recs in by_cell(records).items():
         ok = [r for r in recs if r["error"] is None]
         row: dict[str, Any] = {
             "task": task, "length": length, "method": method,

@@ -43,6 +43,14 @@ class KVSection(BaseModel):
     sparsity: float = Field(0.0, ge=0.0, le=1.0)
     evict: str = "none"
     budget: int | None = Field(None, ge=1)
+    evict_params: dict[str, Any] = Field(default_factory=dict, description="the eviction method's parameters")
+
+    def eviction(self):
+        """The eviction method's validated parameters (None: no eviction)."""
+        from sparsekv.evict.params import evict_params
+        if self.evict == "none":
+            return None
+        return evict_params(self.evict, self.evict_params)
 
 
 class FFNSection(BaseModel):
@@ -68,10 +76,14 @@ class SparsityConfig(BaseModel):
         self.prefill.params("prefill")
         self.decode.params("decode")
         for name, value, known in (("kv.prune", self.kv.prune, ("none",)),
-                                   ("kv.evict", self.kv.evict, ("none",)),
                                    ("ffn.method", self.ffn.method, ("none",))):
             if value not in known:
                 raise ValueError(f"{name} {value!r} is not available; known: {', '.join(known)}")
+        evict = self.kv.eviction()
+        if evict is None and self.kv.evict_params:
+            raise ValueError("kv.evict_params given without kv.evict")
+        if evict is not None:
+            evict.check_budget(self.kv.budget)
         return self
 
     def merged(self, override: dict[str, Any] | None) -> "SparsityConfig":
@@ -83,6 +95,8 @@ class SparsityConfig(BaseModel):
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 if key in ("prefill", "decode") and value.get("method", base[key]["method"]) != base[key]["method"]:
                     base[key] = dict(value)  # another method: its own defaults, not the old params
+                elif key == "kv" and value.get("evict", base[key]["evict"]) != base[key]["evict"]:
+                    base[key] = {**base[key], "evict_params": {}, **value}  # another method's defaults
                 else:
                     base[key] = {**base[key], **value}
             else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ class ForwardContext:
     write_index: WriteIndex
     attn_routes: list[list[Route]]  # per layer, covering every token of the step in order
     ffn_routes: list[list[Route]] = field(default_factory=list)
+    observers: list[Callable] = field(default_factory=list)  # (layer, q, kv) after K/V are stored: eviction scores
 
 
 _CONTEXT: list[ForwardContext] = []
@@ -79,5 +80,7 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         ctx.kv_cache.write(self.layer, k, v, ctx.write_index)
         kv = ctx.kv_cache.layers[self.layer]
+        for observe in ctx.observers:
+            observe(self.layer, q, kv)
         return run_routes(ctx.attn_routes[self.layer], q,
                           lambda r, rows: r.backend.forward(rows, kv, self.layer, r.plan))

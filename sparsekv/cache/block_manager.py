@@ -23,6 +23,7 @@ class PagedSequence(Protocol):
     num_computed_tokens: int
     num_hashed_blocks: int
     cache_salt: int
+    num_evicted_tokens: int  # computed tokens eviction dropped: KV slots = computed - evicted
 
 
 @dataclass
@@ -75,7 +76,7 @@ class BlockManager:
         return hits
 
     def blocks_needed(self, seq: PagedSequence, num_new_tokens: int, num_hits: int = 0) -> int:
-        total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        total = seq.num_computed_tokens - seq.num_evicted_tokens + num_hits * self.block_size + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table) - num_hits)
 
     def allocate(self, seq: PagedSequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
@@ -131,8 +132,8 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: PagedSequence) -> None:
         """Register seq's prompt pages that became full of computed tokens in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_evicted_tokens:
+            return  # an evicting sequence's pages no longer hold its prompt in order
         bs = self.block_size
         full = min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
         parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else seq.cache_salt
@@ -143,6 +144,36 @@ class BlockManager:
             block.hash, block.token_ids = parent, tokens
             self.cached.setdefault(parent, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def shared_prefix_tokens(self, seq: PagedSequence) -> int:
+        """Leading tokens of seq on pages another sequence holds too: eviction never moves them."""
+        n = 0
+        while n < len(seq.block_table) and self.blocks[seq.block_table[n]].ref_count > 1:
+            n += 1
+        return n * self.block_size
+
+    def shrink(self, seq: PagedSequence, kept: int, first_written: int | None) -> None:
+        """Eviction compacted seq's KV into its first `kept` slots, writing its pages from
+        `first_written` on: pages written, or about to be (the next token's), leave the prefix
+        cache; the pages past the next token's go back to the pool, first in line for reuse."""
+        bs, table = self.block_size, seq.block_table
+        seq.num_evicted_tokens = seq.num_computed_tokens - kept
+        start = kept // bs if first_written is None else min(first_written, kept // bs)
+        for bid in table[start:kept // bs + 1]:
+            block = self.blocks[bid]
+            if block.hash is not None and self.cached.get(block.hash) == bid:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        keep_pages = kept // bs + 1
+        old_tail = table[-1]
+        for bid in reversed(table[keep_pages:]):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[bid] = None
+                self.free.move_to_end(bid, last=False)
+        del table[keep_pages:]
+        self._move_tail(old_tail, table[-1])
 
     def free_seq(self, seq: PagedSequence) -> None:
         """Release seq's pages; the tail goes to the queue first, so it is evicted first."""

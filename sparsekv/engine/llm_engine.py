@@ -114,6 +114,8 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 done.append((seq, row))
+        for seq, kept, first_written in self.runner.evict(self.block_manager.shared_prefix_tokens):
+            self.block_manager.shrink(seq, kept, first_written)
         if not done:
             return []
         tokens = sample(torch.stack([r for _, r in done]), [s for s, _ in done], self.generator, self.eos_ids)
@@ -152,6 +154,7 @@ class LLMEngine:
         for s in seqs:
             for f in ("prefill_attended", "prefill_total", "decode_attended", "decode_total"):
                 setattr(stats, f, getattr(stats, f) + getattr(s.stats, f))
+        stats.kv_bytes_fraction = sum(1 - s.num_evicted_tokens / max(1, s.num_computed_tokens) for s in seqs) / len(seqs)
         outs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                  logprobs=list(s.logprobs) if s.logprobs is not None else None,

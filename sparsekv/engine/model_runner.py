@@ -13,6 +13,7 @@ from sparsekv.cache.kv_cache import KVCache, WriteIndex
 from sparsekv.config import EngineConfig, SparsityConfig
 from sparsekv.engine.loader import load_model
 from sparsekv.engine.sequence import Sequence
+from sparsekv.evict.evictor import EvictEntry, Evictor
 from sparsekv.ffn.backend import FFN_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class ModelRunner:
                              f"--max-model-len")
         self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
                                 self.dtype, self.device, specs)
+        self.evictor = Evictor(a.num_layers, a.num_kv_heads, self.shape.scale, self.device)
         log.info("model %s on %s (%s); KV pool %d pages x %d tokens (%.1f MiB)", config.model, self.device,
                  self.dtype, self.num_pages, self.page_size, self.num_pages * per_page / 2**20)
 
@@ -140,6 +142,7 @@ class ModelRunner:
             return
         for backend in live_backends():
             backend.free([seq.slot])
+        self.evictor.free([seq.slot])
         self._free_slots.append(seq.slot)
         seq.slot = None
 
@@ -166,13 +169,19 @@ class ModelRunner:
         groups: dict[tuple, int] = {}  # (phase, route list) -> first-seen rank
         order = sorted(range(len(batch)), key=lambda i: (phases[i] != "decode",
                                                          groups.setdefault((phases[i], id(routes[i])), len(groups))))
-        reqs, ids, pos = [], [], []
+        reqs, ids, pos, evicting = [], [], [], []
         for i in order:
             seq, n = batch[i]
             start = seq.num_computed_tokens
             # a chunked prompt's rope sees the whole prompt, as one unchunked forward would
             rope_len = max(start + n, seq.num_prompt_tokens)
-            reqs.append(RequestInput(n, start + n, seq.block_table, phases[i], self.slot(seq), rope_len))
+            kv_len = start - seq.num_evicted_tokens + n  # KV slots; positions stay the true ones
+            reqs.append(RequestInput(n, kv_len, seq.block_table, phases[i], self.slot(seq), rope_len))
+            evict = seq.sparsity.kv.eviction()
+            if evict is not None:
+                evicting.append(EvictEntry(seq, seq.slot, slice(len(ids), len(ids) + n), kv_len, seq.block_table,
+                                           seq.num_prompt_tokens, start + n, evict,
+                                           evict.capacity(seq.sparsity.kv.budget, seq.num_prompt_tokens)))
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
         meta = AttnMetadata.build(reqs, self.page_size, self.device)
@@ -185,7 +194,16 @@ class ModelRunner:
         self.kv_cache.begin_step(write_index)
         ffn = [Route(FFN_BACKENDS["none"], meta.group("mixed", 0, meta.num_reqs), 0, meta.num_actual_tokens)]
         ctx = ForwardContext(meta, self.kv_cache, write_index, attn_routes, [ffn] * self.shape.num_layers)
+        self.evictor.begin_step(evicting)
+        if evicting:
+            ctx.observers.append(self.evictor.observe)
         return order, phases, ctx, plans, ids, pos
+
+    @torch.inference_mode()
+    def evict(self, shared_tokens) -> list[tuple[Sequence, int, int | None]]:
+        """After the step's run: evict where a request went over its budget; (sequence, KV slots
+        kept, first page written) for the block manager to shrink it."""
+        return self.evictor.finish_step(self.kv_cache, shared_tokens)
 
     def _record_stats(self, seqs: list[Sequence], phases: list[str], meta: AttnMetadata, plans: list) -> None:
         """Attended pairs from the plans' device counters: one read per plan per step."""

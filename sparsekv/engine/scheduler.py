@@ -37,7 +37,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, seq.chunk_limit())
             while not self.bm.allocate(seq, n):
                 victim = self.running.pop()  # the newest request goes first
                 self._preempt(victim)
@@ -50,8 +50,9 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.bm.lookup(seq) if not seq.block_table else []
-            n = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.bm.block_size, budget)
+            hits = self.bm.lookup(seq) if not seq.block_table and seq.takes_prefix_hits else []
+            n = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.bm.block_size, budget,
+                    seq.chunk_limit(len(hits) * self.bm.block_size))
             if not self.bm.allocate(seq, n, hits):
                 break
             seq.num_cached_tokens = len(hits) * self.bm.block_size
@@ -69,6 +70,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
+        seq.num_evicted_tokens = 0
         self.on_release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -29,6 +29,7 @@ class Sequence:
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0
+    num_evicted_tokens: int = 0  # computed tokens whose K/V eviction dropped (KV slots = computed - evicted)
     cache_salt: int = field(init=False)  # prompt pages are shared only under equal prefill sparsity
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -46,7 +47,9 @@ class Sequence:
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
         # prompt pages' K/V depend on how prefill attended (sparse layers change later layers' K/V)
-        self.cache_salt = hash(self.sparsity.model_dump_json(include={"prefill", "kv", "dense_layers", "min_context"}))
+        # eviction runs after the prompt's dense K/V are stored, so it does not change them
+        self.cache_salt = hash(self.sparsity.model_dump_json(include={"prefill", "kv", "dense_layers", "min_context"},
+                                                             exclude={"kv": {"evict", "budget", "evict_params"}}))
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
         if self.params.logprobs is not None:
@@ -55,6 +58,21 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def chunk_limit(self, cached: int = 0) -> int:
+        """Most tokens the next step may compute (after `cached` prefix-cache hits). An evicting
+        sequence recomputed after preemption replays as it first ran: its prompt, then one token
+        a step, so it evicts at the same points and ends with the same KV."""
+        done = self.num_computed_tokens + cached
+        if self.sparsity.kv.evict == "none":
+            return self.num_tokens - done
+        return self.num_prompt_tokens - done if done < self.num_prompt_tokens else 1
+
+    @property
+    def takes_prefix_hits(self) -> bool:
+        """H2O scores a token by the mass of every query of the prompt: cached pages would skip
+        those queries, so an H2O sequence computes its whole prompt (its pages are still cached)."""
+        return self.sparsity.kv.evict != "h2o"
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,0 +1,61 @@
+"""Compaction: each (layer, KV head) row's kept tokens move into the sequence's first n slots.
+
+A row with h holes among its first n slots has exactly h kept tokens past slot n; those move
+into the holes, so only the displaced tokens are copied (one per row per decode step for H2O
+and StreamingLLM). Order within a row does not matter to attention: K is stored after RoPE.
+Pages the moves wrote go through the side tables' write hooks again (Quest's page bounds).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekv.cache.kv_cache import KVCache, WriteIndex
+
+
+def move_plan(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, ...] | None:
+    """keep bool [L, H, K] with n True per row -> (layer, head, src, dst) slot moves, or None."""
+    L, H, K = keep.shape
+    hole = ~keep[..., :n]
+    count = hole.sum(-1)
+    m = int(count.max()) if n else 0
+    if m == 0:
+        return None
+    big = n + K
+    dst = torch.where(hole, torch.arange(n, device=keep.device), big).sort(-1).values[..., :m]
+    src = torch.where(keep[..., n:], torch.arange(n, K, device=keep.device), big).sort(-1).values[..., :m]
+    valid = torch.arange(m, device=keep.device) < count.unsqueeze(-1)
+    layer, head, j = valid.nonzero(as_tuple=True)
+    return layer, head, src[layer, head, j], dst[layer, head, j]
+
+
+def compact(cache: KVCache, block_table: list[int], keep: torch.Tensor, n: int,
+            state: tuple[torch.Tensor, ...] = ()) -> int | None:
+    """Move kept tokens into slots [0, n) of every row, in the pool and in the per-slot `state`
+    tensors ([L, H, >=K]); return the first logical page written (None: nothing moved)."""
+    moves = move_plan(keep, n)
+    if moves is None:
+        return None
+    layer, head, src, dst = moves
+    ps = cache.page_size
+    dev = cache.layers[0].k.device
+    table = torch.tensor(block_table, dtype=torch.long, device=dev)
+    sp, so, dp, do = (table[(src // ps).to(dev)], (src % ps).to(dev), table[(dst // ps).to(dev)], (dst % ps).to(dev))
+    h, lay = head.to(dev), layer.to(dev)
+    for t in state:
+        t[layer, head, dst] = t[layer, head, src]
+    touched = torch.unique(dst // ps)
+    slots = torch.cat([torch.arange(p * ps, min(p * ps + ps, n)) for p in touched.tolist()])
+    index = WriteIndex.from_slots((table[(slots // ps).to(dev)] * ps + (slots % ps).to(dev)), ps)
+    for i, kv in enumerate(cache.layers):
+        sel = lay == i
+        if not bool(sel.any()):
+            continue
+        for pool in (kv.k, kv.v):
+            pool[dp[sel], h[sel], do[sel]] = pool[sp[sel], h[sel], so[sel]]
+        if cache.specs:
+            k_rows = kv.k[index.pages, :, index.offsets]
+            for spec in cache.specs.values():
+                spec.on_write(kv, k_rows, index)
+    last = (n - 1) // ps
+    cache.fill[table[last]] = n - last * ps
+    return int(touched.min())

@@ -1,0 +1,150 @@
+"""Token eviction on the paged pool: per-request state by slot, scores from each layer's queries,
+and the selection and compaction after a step.
+
+The model runner tells the evictor which requests of a step evict (`begin_step`); every
+attention layer hands it the step's roped queries after storing the new K/V (`observe`), so
+scores come from the step's own queries without keeping them: H2O adds each query's softmax
+mass per key; the SnapKV family keeps only the observation window's queries until the prompt
+ends, scores the prefix there and drops them. After the forward, `finish_step` picks each
+(layer, KV head)'s kept tokens and compacts them into the first slots of the sequence, so the
+pages past them can go back to the pool. Every row keeps the same count (one page id holds a
+slot of every layer and KV head), the largest of the method's per-row budgets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from sparsekv.attention.paged import gather_kv
+from sparsekv.cache.kv_cache import KVCache, LayerKV
+from sparsekv.evict.compact import compact
+from sparsekv.evict.params import EvictParams, H2OParams, StreamingLLMParams
+from sparsekv.evict.scores import attention_mass, reduce_heads, window_scores
+
+
+@dataclass(eq=False)
+class EvictEntry:
+    """One evicting request's share of a step."""
+
+    key: Any  # the engine's sequence, handed back with the result
+    slot: int
+    rows: slice  # its query rows in the step
+    kv_len: int  # KV slots after the step's tokens are stored
+    block_table: list[int]
+    prompt_len: int
+    true_len: int  # tokens computed after the step (kv_len plus those evicted)
+    params: EvictParams
+    capacity: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def first_row_kv(self) -> int:
+        return self.kv_len - self.num_rows
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.true_len >= self.prompt_len
+
+
+@dataclass(eq=False)
+class SlotState:
+    pos: torch.Tensor  # int64 [L, Hkv, cap]: each KV slot's position in the sequence
+    score: torch.Tensor  # float32 [L, Hkv, cap]: H2O's accumulated mass / SnapKV's pooled scores
+    window_q: list[list[torch.Tensor]] = field(default_factory=list)
+    known: int = 0  # KV slots whose positions are set (prefix-cache hits arrive without a step)
+    done: bool = False  # a one-shot method has evicted (or had nothing to evict)
+
+
+class Evictor:
+    def __init__(self, num_layers: int, num_kv_heads: int, scale: float, device: torch.device):
+        self.num_layers, self.num_kv_heads, self.scale, self.device = num_layers, num_kv_heads, scale, device
+        self.states: dict[int, SlotState] = {}
+        self.entries: list[EvictEntry] = []
+
+    def _state(self, e: EvictEntry) -> SlotState:
+        st = self.states.get(e.slot)
+        cap = 0 if st is None else st.pos.shape[-1]
+        if cap < e.kv_len:
+            size = (self.num_layers, self.num_kv_heads, max(2 * cap, e.kv_len, 64))
+            pos = torch.zeros(size, dtype=torch.long, device=self.device)
+            score = torch.zeros(size, dtype=torch.float32, device=self.device)
+            if st is not None:
+                pos[..., :cap], score[..., :cap] = st.pos, st.score
+                st.pos, st.score = pos, score
+            else:
+                st = self.states[e.slot] = SlotState(pos, score, [[] for _ in range(self.num_layers)])
+        return st
+
+    def begin_step(self, entries: list[EvictEntry]) -> None:
+        """New KV slots get their true positions and zero scores (a slot's memory is reused)."""
+        self.entries = entries
+        for e in entries:
+            st = self._state(e)
+            lo, shift = st.known, e.true_len - e.kv_len
+            st.pos[..., lo:e.kv_len] = torch.arange(lo + shift, e.kv_len + shift, device=self.device)
+            st.score[..., lo:e.kv_len] = 0
+            st.known = e.kv_len
+
+    def observe(self, layer: int, q: torch.Tensor, kv: LayerKV) -> None:
+        for e in self.entries:
+            st = self.states[e.slot]
+            if isinstance(e.params, H2OParams):
+                k = gather_kv(kv, torch.tensor(e.block_table), e.kv_len)[0]
+                mass = attention_mass(q[e.rows], k, self.scale, e.first_row_kv)
+                st.score[layer, :, :e.kv_len] += reduce_heads(mass, self.num_kv_heads, "sum")
+            elif e.params.one_shot and not st.done:
+                start = max(0, e.prompt_len - e.params.window - (e.true_len - e.num_rows))
+                rows = q[e.rows][start:]
+                if rows.shape[0]:
+                    st.window_q[layer].append(rows.clone())
+                if e.prompt_done:
+                    k = gather_kv(kv, torch.tensor(e.block_table), e.kv_len)[0]
+                    qw = torch.cat(st.window_q[layer])
+                    st.score[layer, :, :e.kv_len] = window_scores(qw, k, self.scale, e.params)
+                    st.window_q[layer] = []
+
+    def finish_step(self, cache: KVCache, shared: Callable[[Any], int]) -> list[tuple[Any, int, int | None]]:
+        """Evict where a request is over its budget: (key, KV slots kept, first page written).
+        shared(key): its leading tokens on pages shared through the prefix cache, never moved."""
+        out = []
+        for e in self.entries:
+            st = self.states[e.slot]
+            if e.params.one_shot:
+                if st.done or not e.prompt_done:
+                    continue
+                st.done = True
+            elif not e.prompt_done:
+                continue
+            kept = self._evict(e, st, cache, shared(e.key))
+            if kept is not None:
+                out.append((e.key, *kept))
+        self.entries = []
+        return out
+
+    def _evict(self, e: EvictEntry, st: SlotState, cache: KVCache, shared: int) -> tuple[int, int | None] | None:
+        K, p = e.kv_len, e.params
+        if K <= e.capacity:
+            return None
+        pos = st.pos[..., :K]
+        recent = p.protected_recent(e.capacity)
+        protected = (pos < p.n_sink) | (pos >= e.true_len - recent)
+        protected[..., :shared] = True
+        score = pos.float() if isinstance(p, StreamingLLMParams) else st.score[..., :K]
+        n_prot = int(protected.sum(-1).max())
+        budgets = p.row_budgets(e.capacity, score, ~protected, n_prot).clamp(max=K)
+        n = max(int(budgets.max()), n_prot)
+        if n >= K:
+            return None
+        top = score.masked_fill(protected, float("inf")).topk(n, dim=-1).indices
+        keep = torch.zeros_like(protected).scatter_(-1, top, True)
+        st.known = n
+        return n, compact(cache, e.block_table, keep, n, (st.pos, st.score))
+
+    def free(self, slots: list[int]) -> None:
+        for s in slots:
+            self.states.pop(s, None)

@@ -56,6 +56,7 @@ class SlotState:
     pos: torch.Tensor  # int64 [L, Hkv, cap]: each KV slot's position in the sequence
     score: torch.Tensor  # float32 [L, Hkv, cap]: H2O's accumulated mass / SnapKV's pooled scores
     window_q: list[list[torch.Tensor]] = field(default_factory=list)
+    budgets: torch.Tensor | None = None  # int64 [L, Hkv]: the last eviction's per-row budgets
     known: int = 0  # KV slots whose positions are set (prefix-cache hits arrive without a step)
     done: bool = False  # a one-shot method has evicted (or had nothing to evict)
 
@@ -137,6 +138,7 @@ class Evictor:
         score = pos.float() if isinstance(p, StreamingLLMParams) else st.score[..., :K]
         n_prot = int(protected.sum(-1).max())
         budgets = p.row_budgets(e.capacity, score, ~protected, n_prot).clamp(max=K)
+        st.budgets = budgets
         n = max(int(budgets.max()), n_prot)
         if n >= K:
             return None

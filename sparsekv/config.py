@@ -113,6 +113,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "delta": {"decode": {"method": "delta"}},
     "quest": {"decode": {"method": "quest"}},
     "xattention": {"prefill": {"method": "xattention"}},
+    **{f"{m}-{b}": {"kv": {"evict": m, "budget": b}}  # token eviction at the budgets
+       for m in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv") for b in (1024, 2048)},
 }
 
 

@@ -13,13 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EvictParams(BaseModel):
-    """Common to every method: `n_sink` first tokens and the `window` newest are never evicted."""
+    """Common to every method: the `n_sink` first tokens and the newest ones (how many is the
+    method's rule) are never evicted."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     one_shot: ClassVar[bool] = False  # True: evict once, at the end of the prompt (SnapKV family)
     default_budget: ClassVar[int] = 2048
     n_sink: int = Field(0, ge=0)
-    window: int = Field(32, ge=1)
 
     def capacity(self, budget: int | None, prompt_len: int) -> int:
         return self.default_budget if budget is None else budget
@@ -32,7 +32,8 @@ class EvictParams(BaseModel):
                              f"{self.protected_recent(c)})")
 
     def protected_recent(self, capacity: int) -> int:
-        return self.window
+        """How many of the newest tokens are never evicted."""
+        raise NotImplementedError
 
     def row_budgets(self, capacity: int, scores: torch.Tensor, free: torch.Tensor, protected: int) -> torch.Tensor:
         """int64 [L, Hkv]: tokens each (layer, KV head) keeps, protected ones included, from the
@@ -75,9 +76,13 @@ class SnapKVParams(EvictParams):
     per KV head top (C - window) plus the window (LongBench config: w 32, kernel 7, max pool)."""
 
     one_shot: ClassVar[bool] = True
+    window: int = Field(32, ge=1)
     pool_kernel: int = Field(7, ge=1)
     pool: Literal["max", "avg"] = "max"
     gqa: Literal["mean", "max"] = "mean"
+
+    def protected_recent(self, capacity: int) -> int:
+        return self.window
 
     @model_validator(mode="after")
     def _odd_kernel(self) -> "SnapKVParams":

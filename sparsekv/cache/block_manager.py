@@ -146,11 +146,32 @@ class BlockManager:
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def shared_prefix_tokens(self, seq: PagedSequence) -> int:
-        """Leading tokens of seq on pages another sequence holds too: eviction never moves them."""
+        """Leading tokens of seq on pages another sequence holds too."""
         n = 0
         while n < len(seq.block_table) and self.blocks[seq.block_table[n]].ref_count > 1:
             n += 1
         return n * self.block_size
+
+    def make_private(self, seq: PagedSequence, pages: list[int]) -> list[tuple[int, int]] | None:
+        """Copy-on-write before eviction writes seq's logical `pages`: each one another sequence
+        holds too is swapped for a fresh page in seq's table. Returns the (old, new) page ids
+        whose contents the caller copies, or None, changing nothing, when the pool is short."""
+        table = seq.block_table
+        shared = [i for i in pages if self.blocks[table[i]].ref_count > 1]
+        if len(shared) > len(self.free):
+            return None
+        old_tail, swaps = table[-1], []
+        for i in shared:
+            new = self._next_page(None)
+            block = self.blocks[new]
+            if block.hash is not None and self.cached.get(block.hash) == new:
+                del self.cached[block.hash]
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+            self.blocks[table[i]].ref_count -= 1
+            swaps.append((table[i], new))
+            table[i] = new
+        self._move_tail(old_tail, table[-1])
+        return swaps
 
     def shrink(self, seq: PagedSequence, kept: int, first_written: int | None) -> None:
         """Eviction compacted seq's KV into its first `kept` slots, writing its pages from
@@ -161,6 +182,8 @@ class BlockManager:
         start = kept // bs if first_written is None else min(first_written, kept // bs)
         for bid in table[start:kept // bs + 1]:
             block = self.blocks[bid]
+            if block.ref_count > 1:
+                continue  # another sequence's page, unwritten (written ones were copied first)
             if block.hash is not None and self.cached.get(block.hash) == bid:
                 del self.cached[block.hash]
             block.hash, block.token_ids = None, ()

@@ -114,7 +114,8 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 done.append((seq, row))
-        for seq, kept, first_written in self.runner.evict(self.block_manager.shared_prefix_tokens):
+        bm = self.block_manager
+        for seq, kept, first_written in self.runner.evict(bm.make_private, bm.shared_prefix_tokens):
             self.block_manager.shrink(seq, kept, first_written)
         if not done:
             return []

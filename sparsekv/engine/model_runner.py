@@ -200,10 +200,11 @@ class ModelRunner:
         return order, phases, ctx, plans, ids, pos
 
     @torch.inference_mode()
-    def evict(self, shared_tokens) -> list[tuple[Sequence, int, int | None]]:
+    def evict(self, private, shared_tokens) -> list[tuple[Sequence, int, int | None]]:
         """After the step's run: evict where a request went over its budget; (sequence, KV slots
-        kept, first page written) for the block manager to shrink it."""
-        return self.evictor.finish_step(self.kv_cache, shared_tokens)
+        kept, first page written) for the block manager to shrink it. private and shared_tokens
+        are the block manager's copy-on-write and shared-prefix answers (Evictor.finish_step)."""
+        return self.evictor.finish_step(self.kv_cache, private, shared_tokens)
 
     def _record_stats(self, seqs: list[Sequence], phases: list[str], meta: AttnMetadata, plans: list) -> None:
         """Attended pairs from the plans' device counters: one read per plan per step."""

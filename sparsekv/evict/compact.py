@@ -12,6 +12,18 @@ import torch
 from sparsekv.cache.kv_cache import KVCache, WriteIndex
 
 
+def copy_pages(cache: KVCache, swaps: list[tuple[int, int]]) -> None:
+    """Copy-on-write: each (old, new) page's K/V, side-table rows and fill, in every layer."""
+    if not swaps:
+        return
+    dev = cache.layers[0].k.device
+    old, new = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*swaps))
+    for kv in cache.layers:
+        for t in (kv.k, kv.v, *kv.side.values()):
+            t[new] = t[old]
+    cache.fill[new] = cache.fill[old]
+
+
 def move_plan(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, ...] | None:
     """keep bool [L, H, K] with n True per row -> (layer, head, src, dst) slot moves, or None."""
     L, H, K = keep.shape

@@ -19,7 +19,7 @@ import torch
 
 from sparsekv.attention.paged import gather_kv
 from sparsekv.cache.kv_cache import KVCache, LayerKV
-from sparsekv.evict.compact import compact
+from sparsekv.evict.compact import compact, copy_pages
 from sparsekv.evict.params import EvictParams, H2OParams, StreamingLLMParams
 from sparsekv.evict.scores import attention_mass, reduce_heads, window_scores
 
@@ -109,9 +109,15 @@ class Evictor:
                     st.score[layer, :, :e.kv_len] = window_scores(qw, k, self.scale, e.params)
                     st.window_q[layer] = []
 
-    def finish_step(self, cache: KVCache, shared: Callable[[Any], int]) -> list[tuple[Any, int, int | None]]:
+    def finish_step(self, cache: KVCache, private: Callable[[Any, list[int]], list[tuple[int, int]] | None],
+                    shared: Callable[[Any], int]) -> list[tuple[Any, int, int | None]]:
         """Evict where a request is over its budget: (key, KV slots kept, first page written).
-        shared(key): its leading tokens on pages shared through the prefix cache, never moved."""
+
+        Pages the compaction writes that another sequence holds (a shared cached prompt) are
+        copied first: private(key, logical pages) swaps them for fresh ones and returns the
+        (old, new) pairs to copy. When the pool cannot spare those pages, the shared(key)
+        leading tokens are kept in place instead, so nothing shared is ever written.
+        """
         out = []
         for e in self.entries:
             st = self.states[e.slot]
@@ -121,20 +127,32 @@ class Evictor:
                 st.done = True
             elif not e.prompt_done:
                 continue
-            kept = self._evict(e, st, cache, shared(e.key))
-            if kept is not None:
-                out.append((e.key, *kept))
+            picked = self._select(e, st, 0)
+            if picked is None:
+                continue
+            keep, n = picked
+            swaps = private(e.key, written_pages(keep, n, cache.page_size, len(e.block_table)))
+            if swaps is None:
+                picked = self._select(e, st, shared(e.key))
+                if picked is None:
+                    continue
+                keep, n = picked
+            copy_pages(cache, swaps or [])
+            st.known = n
+            out.append((e.key, n, compact(cache, e.block_table, keep, n, (st.pos, st.score))))
         self.entries = []
         return out
 
-    def _evict(self, e: EvictEntry, st: SlotState, cache: KVCache, shared: int) -> tuple[int, int | None] | None:
+    def _select(self, e: EvictEntry, st: SlotState, pinned: int) -> tuple[torch.Tensor, int] | None:
+        """The kept mask [L, Hkv, K] (the same count n in every row) and n; None: nothing to
+        evict. The first `pinned` slots are kept where they are."""
         K, p = e.kv_len, e.params
         if K <= e.capacity:
             return None
         pos = st.pos[..., :K]
         recent = p.protected_recent(e.capacity)
         protected = (pos < p.n_sink) | (pos >= e.true_len - recent)
-        protected[..., :shared] = True
+        protected[..., :pinned] = True
         score = pos.float() if isinstance(p, StreamingLLMParams) else st.score[..., :K]
         n_prot = int(protected.sum(-1).max())
         budgets = p.row_budgets(e.capacity, score, ~protected, n_prot).clamp(max=K)
@@ -143,10 +161,17 @@ class Evictor:
         if n >= K:
             return None
         top = score.masked_fill(protected, float("inf")).topk(n, dim=-1).indices
-        keep = torch.zeros_like(protected).scatter_(-1, top, True)
-        st.known = n
-        return n, compact(cache, e.block_table, keep, n, (st.pos, st.score))
+        return torch.zeros_like(protected).scatter_(-1, top, True), n
 
     def free(self, slots: list[int]) -> None:
         for s in slots:
             self.states.pop(s, None)
+
+
+def written_pages(keep: torch.Tensor, n: int, page_size: int, num_pages: int) -> list[int]:
+    """Logical pages compaction writes (those with a hole below n) and the next token's page."""
+    holes = (~keep[..., :n]).flatten(0, 1).any(0).nonzero().flatten()
+    pages = set((holes // page_size).tolist())
+    if n // page_size < num_pages:
+        pages.add(n // page_size)
+    return sorted(pages)

@@ -134,7 +134,12 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: WriteIndex) -> None:
         """Store new tokens' k, v ([T, Hkv, D]) at the step's slots, then update side tables."""
         kv = self.layers[layer]
-        kv.k[idx.pages, :, idx.offsets] = k
-        kv.v[idx.pages, :, idx.offsets] = v
+        flat = kv.token_major()
+        if flat is not None:  # one index_copy_ per pool instead of an index_put over two index tensors
+            flat[0].index_copy_(1, idx.slots, k.transpose(0, 1))
+            flat[1].index_copy_(1, idx.slots, v.transpose(0, 1))
+        else:
+            kv.k[idx.pages, :, idx.offsets] = k
+            kv.v[idx.pages, :, idx.offsets] = v
         for spec in self.specs.values():
             spec.on_write(kv, k, idx)

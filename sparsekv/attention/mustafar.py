@@ -6,8 +6,14 @@ does: [SpMV(K_c, q) || q K_local^T], then out = SpMV(V_c^T, p_c) + p_local V_loc
 path reads only the compressed records (gathering q at each kept channel for the keys,
 scatter-adding p * value at each kept channel for the values); the Triton path decompresses in
 registers (kernels/compressed_decode.py) and merges with the dense window from the paged-decode
-kernel. Prefill stays dense: a request's context is materialised per layer (earlier chunks
-pruned, this step's tokens as written) and attended with the dense prefill.
+kernel.
+
+Prefill runs dense attention (SDPA) over the context materialised per layer, under the rule
+decode follows: a query at position p reads tokens [0, compressed_len(p)) pruned and the rest
+as written. So a prompt within window + chunk tokens is attended fully dense, as in the paper,
+and past that a prompt's output does not depend on how the scheduler chunks it (the paper
+prefills unchunked, densely; keeping every in-flight prompt dense would need staging for whole
+prompts, which is what the compressed pool exists to avoid).
 
 The engine routes every layer of a request to this backend when the server's cache is
 compressed: the storage is pruned in all layers, so dense_layers and min_context do not apply.
@@ -21,8 +27,8 @@ import torch
 from sparsekv.attention.backend import AttentionBackend, Plan, register
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.paged import prefill_attention
-from sparsekv.cache.compressed import CompressedLayerKV
-from sparsekv.cache.kv_prune import decompress
+from sparsekv.cache.compressed import CompressedLayerKV, MustafarLayout
+from sparsekv.cache.kv_prune import decompress, prune
 
 
 @dataclass
@@ -78,6 +84,29 @@ def materialise(r: RequestKV) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat([decompress(r.kc, r.ki, d), r.k], 1), torch.cat([decompress(r.vc, r.vi, d), r.v], 1))
 
 
+def prefill_pruned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: MustafarLayout,
+                   stored: int, scale: float) -> torch.Tensor:
+    """Causal attention of the last Lq positions (q [Lq, Hq, D]) over k, v [Hkv, L, D] whose
+    first `stored` tokens are already pruned, each query reading [0, compressed_len(p)) pruned:
+    tokens pruned for some queries only are appended once more in pruned form, and a mask picks
+    each query's copy."""
+    lq, lk = q.shape[0], k.shape[1]
+    last = layout.compressed_len(lk - 1)
+    if last == stored:  # every query reads the cache as stored
+        return prefill_attention(q, k, v, scale)
+    pos = torch.arange(lk - lq, lk, device=q.device).unsqueeze(1)
+    cut = (pos - layout.local_window).clamp(min=0) // layout.compress_chunk * layout.compress_chunk
+    t = torch.arange(lk, device=q.device).unsqueeze(0)
+    ext = torch.arange(stored, last, device=q.device).unsqueeze(0)
+    mask = torch.cat([(t <= pos) & ((t < stored) | (t >= cut)), ext < cut], 1)
+    keys = torch.cat([k, prune(k[:, stored:last], layout.k_keep)], 1).unsqueeze(0)
+    values = torch.cat([v, prune(v[:, stored:last], layout.v_keep)], 1).unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[0])
+    return out[0].transpose(0, 1)
+
+
 @dataclass(eq=False)
 class MustafarStep:
     """Per group and step: what each request reads compressed (a function of its length)."""
@@ -108,7 +137,8 @@ class MustafarBackend(AttentionBackend):
         out = torch.empty_like(q)
         for i, (start, n) in enumerate(zip(g.query_start_cpu, g.q_lens_cpu)):
             k, v = materialise(request_kv(kv, tables[i], lens[i], step.num_compressed[i]))
-            out[start:start + n] = prefill_attention(q[start:start + n], k, v, plan.scale)
+            out[start:start + n] = prefill_pruned(q[start:start + n], k, v, kv.layout, step.num_compressed[i],
+                                                  plan.scale)
         return out
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,

@@ -7,9 +7,11 @@ and compressed `compress_chunk` tokens at a time (the paper's kernel path: the d
 between window and window + chunk), and the row goes back to the staging pool. Which prefix is
 compressed is a function of the length alone (`compressed_len`), so backends need no state.
 
-Compression is deferred to the next step's write of each layer: a step's attention (prefill in
-particular) reads its own tokens dense, as the paper's dense prefill does, and the next step
-reads them compressed. Rows are leased per request slot and returned by `release(slot)`.
+Each layer's tokens are compressed right after that layer's attention in the step that pushed
+them out of the window (at the next layer's write; the last layer's at the next step's start),
+so a step's attention, prefill in particular, reads its own tokens dense, and the staging pool
+holds only the dense tails plus one step's new tokens. Rows are leased per request slot and
+returned by `release(slot)`.
 """
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ class MustafarLayout:
 
     def staging_rows(self, max_num_seqs: int, max_num_batched_tokens: int, page_size: int) -> int:
         """Dense rows that can be leased at once: each request's dense tail (under window +
-        chunk), plus two steps of new tokens (a step's pages are compressed during the next),
-        plus a partial page per request and step."""
-        tail = -(-(self.local_window + self.compress_chunk) // page_size) + 1
-        return max_num_seqs * (tail + 2) + 2 * -(-max_num_batched_tokens // page_size)
+        chunk, a partial page at each end) and one step of new tokens (plus a partial page per
+        request). Prefill chunks are staged dense, so --max-num-batched-tokens sizes this."""
+        tail = -(-(self.local_window + self.compress_chunk) // page_size) + 2
+        return max_num_seqs * (tail + 1) + -(-max_num_batched_tokens // page_size)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -91,23 +93,20 @@ class CompressedKVCache(KVCache):
         self.specs = {}
         self._free_rows = list(range(num_rows - 1, -1, -1))
         self._owned: dict[int, set[int]] = {}  # slot -> its pages holding a staging row
-        self._pending: dict[int, list[int]] = {}  # slot -> pages to compress in the next step
-        self._compressing: tuple[list[int], torch.Tensor, torch.Tensor, list[int]] | None = None
+        # pages being compressed this step, layer by layer: (pages, their slots, on the device, their rows)
+        self._compressing: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None
         self._write_rows: torch.Tensor | None = None
 
     def ensure(self, spec) -> None:
         raise ValueError(f"side table {spec.name!r} is not kept over a Mustafar-compressed cache")
 
     def plan_step(self, meta) -> None:
-        """Lease rows to the pages this step writes first, schedule the pages whose tokens left
-        the window for compression in the next step, and start compressing the last step's."""
+        """Finish the last step's compression (its last layer), lease rows to the pages this
+        step writes first, and schedule the pages whose tokens leave the window in this step."""
+        if self._compressing is not None:
+            self._compress(len(self.layers) - 1)
         ps, rows = self.page_size, self.rows
-        if self._pending:
-            slots = [s for s, pages in self._pending.items() for _ in pages]
-            pages = [p for pages in self._pending.values() for p in pages]
-            dev = self.rows_dev.device
-            self._compressing = (pages, torch.tensor(pages, device=dev), rows[pages].to(dev), slots)
-            self._pending = {}
+        pages, slots = [], []
         for slot, table, end, q in zip(meta.req_slots_cpu, meta.block_tables_cpu, meta.seq_lens_cpu, meta.q_lens_cpu):
             owned = self._owned.setdefault(slot, set())
             for p in table[(end - q) // ps:].tolist():
@@ -117,24 +116,35 @@ class CompressedKVCache(KVCache):
                     rows[p] = self._free_rows.pop()
                     owned.add(p)
             lo, hi = self.layout.compressed_len(end - q), self.layout.compressed_len(end)
-            if hi > lo:
-                self._pending[slot] = table[lo // ps:hi // ps].tolist()
+            pages += table[lo // ps:hi // ps].tolist()
+            slots += [slot] * ((hi - lo) // ps)
+        self._schedule(pages, slots)
         self.rows_dev.copy_(rows)
+
+    def _schedule(self, pages: list[int], slots: list[int]) -> None:
+        dev = self.rows_dev.device
+        self._compressing = (pages, slots, torch.tensor(pages, dtype=torch.long, device=dev),
+                             self.rows[pages].to(dev)) if pages else None
+
+    def _compress(self, layer: int) -> None:
+        """Compress the scheduled pages of `layer` (its attention for this step is done); after
+        the last layer their rows go back to the pool."""
+        pages, slots, pages_dev, rows_dev = self._compressing
+        self.layers[layer].compress_pages(pages_dev, rows_dev)
+        if layer == len(self.layers) - 1:
+            for p, s in zip(pages, slots):
+                self._free_row(p, self._owned.get(s))
+            self.rows_dev.copy_(self.rows)
+            self._compressing = None
 
     def begin_step(self, idx: WriteIndex) -> None:
         super().begin_step(idx)
         self._write_rows = self.rows_dev[idx.pages]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: WriteIndex) -> None:
+        if layer > 0 and self._compressing is not None:
+            self._compress(layer - 1)
         kv = self.layers[layer]
-        if self._compressing is not None:
-            pages, pages_dev, rows_dev, slots = self._compressing
-            kv.compress_pages(pages_dev, rows_dev)
-            if layer == len(self.layers) - 1:
-                for p, s in zip(pages, slots):
-                    self._free_row(p, self._owned.get(s))
-                self.rows_dev.copy_(self.rows)
-                self._compressing = None
         kv.k[self._write_rows, :, idx.offsets] = k
         kv.v[self._write_rows, :, idx.offsets] = v
 
@@ -148,7 +158,9 @@ class CompressedKVCache(KVCache):
     def release(self, slot: int) -> None:
         """The request in `slot` ended or was preempted: its staged rows return to the pool and
         its pending compression is dropped (its pages go back to the block manager)."""
+        if self._compressing is not None:  # its pages may be handed out again before plan_step
+            keep = [(p, s) for p, s in zip(*self._compressing[:2]) if s != slot]
+            self._schedule([p for p, _ in keep], [s for _, s in keep])
         for p in self._owned.pop(slot, ()):
             self._free_row(p, None)
-        self._pending.pop(slot, None)
         self.rows_dev.copy_(self.rows)

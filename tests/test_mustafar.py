@@ -90,12 +90,19 @@ def test_release_returns_staging_rows():
     assert len(drv.cache._free_rows) == total and bool((drv.cache.rows < 0).all())
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1), (2, 2)])
-def test_decode_equals_dense_attention_over_pruned_cache(hq, hkv):
-    drv = Driver(LAYOUT, hq=hq, hkv=hkv)
+def test_decode_equals_dense_attention_over_pruned_cache(hq, hkv, compiled, monkeypatch):
+    """Both CPU paths: the compiled kernels (where they build) and the PyTorch one."""
+    from sparsekv.attention.kernels import cpu_compressed
+
+    if compiled and not cpu_compressed.available():
+        pytest.skip("no compiler for the CPU kernel here")
+    monkeypatch.setattr(cpu_compressed, "available", lambda: compiled)
+    drv = Driver(LAYOUT, hq=hq, hkv=hkv, d=32)  # a head dim the paged-decode kernel is built for
     drv.step({0: drv.stream(45), 1: drv.stream(12), 2: drv.stream(80)})
     prev = dict(drv.lens)
-    q = torch.randn(3, hq, 16)
+    q = torch.randn(3, hq, 32)
     outs = drv.step({s: drv.stream(1) for s in (0, 1, 2)}, "decode", q=q)
     for layer, out in enumerate(outs):
         for i, slot in enumerate((0, 1, 2)):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsekv.attention.backend import AttentionBackend, Plan, register
+from sparsekv.attention.kernels import cpu_compressed, cpu_decode
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.paged import prefill_attention
 from sparsekv.cache.compressed import CompressedLayerKV, MustafarLayout
@@ -143,6 +144,15 @@ class MustafarBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
                scale: float) -> torch.Tensor:
+        """The compiled kernels where they build (compressed tokens, then the window through the
+        paged-decode kernel over the staging rows, merged), else the PyTorch path."""
+        if (cpu_compressed.supports(q) and cpu_decode.supports(q) and cpu_compressed.available()
+                and cpu_decode.available()):
+            nc, win = window_tables(kv, g, step)
+            o_c, lse_c = cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, scale)
+            o_w, lse_w = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, win.block_table, win.seq_lens, scale,
+                                                     return_lse=True)
+            return merge_window(q, o_c.unsqueeze(2), lse_c.unsqueeze(2), o_w, lse_w, g.query_start)
         out = torch.empty_like(q)
         for i in range(g.num_reqs):
             r = request_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], step.num_compressed[i])
@@ -152,7 +162,7 @@ class MustafarBackend(AttentionBackend):
 
 @dataclass
 class WindowGroup:
-    """The dense windows as the paged-decode kernel reads a group: row tables over the staging
+    """The dense windows as the paged-decode kernels read a group: row tables over the staging
     pool, window lengths and each request's q row."""
 
     block_table: torch.Tensor
@@ -164,6 +174,33 @@ class WindowGroup:
         return self.block_table.shape[0]
 
 
+def window_tables(kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep) -> tuple[torch.Tensor, WindowGroup]:
+    """int32 compressed counts [n] and the windows' row tables, built once per step."""
+    def build() -> tuple[torch.Tensor, WindowGroup]:
+        ps, dev = kv.page_size, g.block_table.device
+        tables = [kv.rows[t[c // ps:].to(dev)] for t, c in zip(g.block_tables_cpu, step.num_compressed)]
+        bt = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32, device=dev)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t.to(torch.int32)
+        nc = torch.tensor(step.num_compressed, dtype=torch.int32, device=dev)
+        return nc, WindowGroup(bt, g.seq_lens - nc, g.query_start)
+    return g.memo("mustafar_window", build)
+
+
+def merge_window(q: torch.Tensor, o_c: torch.Tensor, lse_c: torch.Tensor, o_w: torch.Tensor, lse_w: torch.Tensor,
+                 query_start: torch.Tensor) -> torch.Tensor:
+    """Rows of q's shape from the compressed partials o_c [n, Hq, S, D], lse_c [n, Hq, S] and
+    the window's o_w [rows, Hq, D] (at each request's q row), lse_w [n, Hq], by log-sum-exp."""
+    rows = query_start.long()
+    o = torch.cat([o_c, o_w[rows].float().unsqueeze(2)], 2)
+    lse = torch.cat([lse_c, lse_w.unsqueeze(2)], 2)
+    m = lse.amax(-1, keepdim=True)
+    w = torch.exp(lse - torch.where(torch.isinf(m), 0.0, m))  # empty partials weigh 0
+    out = torch.empty_like(q)
+    out[rows] = ((o * w.unsqueeze(-1)).sum(-2) / w.sum(-1, keepdim=True)).to(q.dtype)
+    return out
+
+
 @register
 class MustafarTriton(MustafarBackend):
     """Compressed tokens through the register-decompressing kernel, the window through the
@@ -173,27 +210,11 @@ class MustafarTriton(MustafarBackend):
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
                scale: float) -> torch.Tensor:
-        from sparsekv.attention.kernels.compressed_decode import compressed_decode, merge_partials
+        from sparsekv.attention.kernels.compressed_decode import compressed_decode
         from sparsekv.attention.kernels.decode import paged_decode
 
-        window = g.memo("mustafar_window", lambda: self._window(kv, g, step))
-        o_c, lse_c = compressed_decode(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, window[0],
-                                       g.query_start, scale, max(step.num_compressed))
-        o_w, lse_w = paged_decode(q, kv, window[1], scale, return_lse=True)
-        rows = g.query_start.long()
-        out, _ = merge_partials(torch.cat([o_c, o_w[rows].float().unsqueeze(2)], 2),
-                                torch.cat([lse_c, lse_w.unsqueeze(2)], 2))
-        res = torch.empty_like(q)
-        res[rows] = out.to(q.dtype)
-        return res
-
-    @staticmethod
-    def _window(kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep) -> tuple[torch.Tensor, WindowGroup]:
-        ps, dev = kv.page_size, g.block_table.device
-        tables = [kv.rows[t[c // ps:].to(dev)] for t, c in zip(g.block_tables_cpu, step.num_compressed)]
-        width = max(len(t) for t in tables)
-        bt = torch.zeros(len(tables), width, dtype=torch.int32, device=dev)
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = t.to(torch.int32)
-        nc = torch.tensor(step.num_compressed, dtype=torch.int32, device=dev)
-        return nc, WindowGroup(bt, g.seq_lens - nc, g.query_start)
+        nc, win = window_tables(kv, g, step)
+        o_c, lse_c = compressed_decode(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, g.query_start, scale,
+                                       max(step.num_compressed))
+        o_w, lse_w = paged_decode(q, kv, win, scale, return_lse=True)
+        return merge_window(q, o_c, lse_c, o_w, lse_w, g.query_start)

@@ -4,8 +4,8 @@ One program per (sequence, KV head, split of the compressed tokens): flash-decod
 loads a tile of BLOCK_N compressed records, decompresses them in registers (a one-hot compare of
 each kept index against the channel axis) into a dense [BLOCK_N, D] tile once per KV head, and
 serves the G query heads of its GQA group from it with tl.dot, under an online softmax. Each
-split writes its normalised output and log-sum-exp; `merge_partials` combines them with the
-dense local window's (computed by the paged-decode kernel). Operands are fp32 before tl.dot, as
+split writes its normalised output and log-sum-exp, which the backend merges with the dense
+local window's (computed by the paged-decode kernel). Operands are fp32 before tl.dot, as
 in the other kernels (the interpreter mishandles 16-bit dots).
 """
 from __future__ import annotations
@@ -104,12 +104,3 @@ def compressed_decode(q: torch.Tensor, kc: torch.Tensor, ki: torch.Tensor, vc: t
         PREC="ieee" if q.dtype == torch.float32 else "tf32")
     return o, lse
 
-
-def merge_partials(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine normalised partial outputs o [..., S, D] by their log-sum-exps lse [..., S]."""
-    m = lse.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), 0.0, m)
-    w = torch.exp(lse - m)  # empty partials weigh 0
-    total = w.sum(-1, keepdim=True)
-    out = (o * w.unsqueeze(-1)).sum(-2) / total.clamp_min(1e-30)
-    return out, (m + torch.log(total)).squeeze(-1)

@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 _FLAG_SETS = (  # tried in order: native code first, then a portable AVX2 build
     ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
     ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
@@ -43,27 +43,34 @@ def _cache_root() -> Path:
     return Path(base) / "torch_extensions"
 
 
-@functools.lru_cache(maxsize=1)
-def _extension() -> Callable | None:
-    """Build (or load the cached build of) the kernel; its op, None when no flag set compiles."""
+@functools.lru_cache(maxsize=None)
+def build_op(source: str, op: str) -> Callable | None:
+    """Build (or load the cached build of) csrc/<source>.cpp; its op torch.ops.<op> ("ns.name"),
+    None when no flag set compiles. Shared by every compiled CPU kernel."""
     from torch.utils import cpp_extension
 
-    source = _SOURCE.read_bytes()
+    path = _CSRC / f"{source}.cpp"
+    text = path.read_bytes()
     capability = torch.backends.cpu.get_cpu_capability().lower()
     for flags in _FLAG_SETS:
-        digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_flags().encode()
+        digest = hashlib.sha256(text + " ".join(flags).encode() + _cpu_flags().encode()
                                 + torch.__version__.encode()).hexdigest()[:16]
-        name = f"sparsekv_paged_decode_{capability}_{digest}"
+        name = f"sparsekv_{source}_{capability}_{digest}"
         build_dir = _cache_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        log.info("loading CPU decode kernel %s (flags %s) from %s", name, " ".join(flags), build_dir)
+        log.info("loading CPU kernel %s (flags %s) from %s", name, " ".join(flags), build_dir)
         try:
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                build_directory=str(build_dir), is_python_module=False)
-            return torch.ops.sparsekv_cpu.paged_decode
+            namespace, fn = op.split(".")
+            return getattr(getattr(torch.ops, namespace), fn)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-            log.warning("CPU decode kernel did not build with %s: %s", " ".join(flags), exc)
+            log.warning("CPU kernel %s did not build with %s: %s", source, " ".join(flags), exc)
     return None
+
+
+def _extension() -> Callable | None:
+    return build_op("paged_decode", "sparsekv_cpu.paged_decode")
 
 
 def available() -> bool:

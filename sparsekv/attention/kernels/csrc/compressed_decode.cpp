@@ -2,8 +2,9 @@
 //
 // A compressed token is `keep` values with their ascending uint8 channel indices. Work items
 // are (sequence, KV head); each runs an online softmax over its compressed tokens in blocks,
-// reading only the records: a key's score is the sum of value * q[index] (q stays in L1), and
-// p * value is added at acc[index]. The G query heads of the GQA group share each record load.
+// reading only the records: each record is scattered into a zeroed D-float buffer in L1 and
+// the G query heads of the GQA group then use it with dense, vectorised loops over D (faster
+// than gathering q at each index: those chains of dependent scalar loads do not vectorise).
 // Output is normalised, with the log-sum-exp, so the caller merges it with the dense window.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,13 @@
 namespace {
 
 constexpr int64_t kBlock = 32;  // tokens scored before one softmax rescale
+constexpr int64_t kMaxD = 256;
+
+// The dense vector of one record: zeros except at its kept channels.
+inline void expand(float* buf, const float* val, const uint8_t* idx, int64_t keep, int64_t D) {
+  std::fill(buf, buf + D, 0.f);
+  for (int64_t j = 0; j < keep; ++j) buf[idx[j]] = val[j];
+}
 
 std::tuple<at::Tensor, at::Tensor> compressed_decode(
     const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ki, const at::Tensor& vc, const at::Tensor& vi,
@@ -30,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
               "records must be contiguous");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = kc.size(1), ps = kc.size(2);
   const int64_t KK = kc.size(3), VK = vc.size(3), G = Hq / Hkv;
+  TORCH_CHECK(D <= kMaxD, "compressed_decode: head dim over ", kMaxD);
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -48,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(G * D), s(G * kBlock), m(G), l(G);
+    alignas(64) float buf[kMaxD];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv, n = nc[b];
       const float* qh = qp + b * sq0 + h * G * sq1;
@@ -60,10 +70,11 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
           const int64_t t = t0 + i, page = bt[b * sbt + t / ps], off = t % ps;
           const float* kv = kcp + page * sk[0] + h * sk[1] + off * sk[2];
           const uint8_t* kx = kip + page * ski[0] + h * ski[1] + off * ski[2];
+          expand(buf, kv, kx, KK, D);
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qh + g * sq1;
             float dot = 0.f;
-            for (int64_t j = 0; j < KK; ++j) dot += kv[j] * qg[kx[j]];
+            for (int64_t d = 0; d < D; ++d) dot += buf[d] * qg[d];
             s[g * kBlock + i] = dot * sc;
           }
         }
@@ -86,10 +97,11 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
           const int64_t t = t0 + i, page = bt[b * sbt + t / ps], off = t % ps;
           const float* vv = vcp + page * sv[0] + h * sv[1] + off * sv[2];
           const uint8_t* vx = vip + page * svi[0] + h * svi[1] + off * svi[2];
+          expand(buf, vv, vx, VK, D);
           for (int64_t g = 0; g < G; ++g) {
             const float p = s[g * kBlock + i];
             float* a = acc.data() + g * D;
-            for (int64_t j = 0; j < VK; ++j) a[vx[j]] += p * vv[j];
+            for (int64_t d = 0; d < D; ++d) a[d] += p * buf[d];
           }
         }
       }

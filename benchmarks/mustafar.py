@@ -7,7 +7,7 @@
    Mustafar backend over a compressed cache vs the dense backend over a dense one, medians.
 3. e2e: decode tokens/s of one request after a `length`-token prompt, dense vs Mustafar.
 4. capacity: how many `--concurrent-len`-token sequences the block manager can hold at a fixed
-   KV memory (staging rows paid first), each checked by building the engine.
+   KV memory (staging rows paid first), each count checked by building the engine.
 
     python benchmarks/mustafar.py [--model PATH] [--sparsities 0.5,0.7] [--lengths 16384,32768,65536]
         [--batch 1] [--e2e-lengths 4096] [--concurrent-len 8192] [--kv-memory 1073741824] [--skip e2e]
@@ -136,30 +136,42 @@ def e2e(model: str | None, sparsity: float, length: int, output_len: int) -> dic
     return row
 
 
-def capacity(model: str | None, sparsity: float | None, seq_len: int, kv_memory: int) -> int:
-    """Most sequences of seq_len tokens the pool admits at kv_memory (max_num_seqs = that count,
-    since the staging pool grows with it), found by building the engine's pool."""
+def capacity(model: str | None, geo: dict, sparsity: float | None, seq_len: int, kv_memory: int) -> int:
+    """Most sequences of seq_len tokens the pool admits at kv_memory (with max_num_seqs that
+    count, since the staging pool grows with it): solved from the pool's sizes, then checked by
+    building the engine at n (admits n) and n + 1 (does not)."""
+    from sparsekv.cache.kv_cache import KVCache
     from sparsekv.config import EngineConfig
     from sparsekv.engine.llm_engine import LLMEngine
 
-    def fits(n: int) -> bool:
+    ps, batched = 16, 2048
+    per_seq = -(-seq_len // ps)
+    dense_page = KVCache.bytes_per_page(geo["layers"], ps, geo["hkv"], geo["d"], torch.float32)
+    layout = layout_for(sparsity, geo["d"]) if sparsity else None
+
+    def pages(n: int) -> int:
+        if layout is None:
+            return kv_memory // dense_page
+        left = kv_memory - layout.staging_rows(n, batched, ps) * dense_page
+        return left // layout.page_bytes(geo["layers"], ps, geo["hkv"], 4) if left > 0 else 0
+
+    n = 0
+    while pages(n + 1) >= (n + 1) * per_seq:
+        n += 1
+
+    def admits(m: int) -> bool:
         sp = {"kv": {"prune": "mustafar", "sparsity": sparsity}} if sparsity else {}
         try:
-            eng = LLMEngine(EngineConfig(model=model, dtype="float32", max_model_len=seq_len, max_num_seqs=n,
-                                         kv_cache_memory=kv_memory, sparsity=sp))
-        except ValueError:
+            eng = LLMEngine(EngineConfig(model=model, dtype="float32", max_model_len=seq_len, max_num_seqs=max(m, 1),
+                                         max_num_batched_tokens=batched, kv_cache_memory=kv_memory, sparsity=sp))
+        except ValueError:  # not even one sequence fits
             return False
-        ok = eng.block_manager.num_free_blocks >= n * -(-seq_len // 16)
+        ok = eng.block_manager.num_free_blocks >= m * per_seq
         del eng
         gc.collect()
         return ok
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    assert (n == 0 or admits(n)) and not admits(n + 1), "the pool's sizing and the solved count disagree"
+    return n
 
 
 def main() -> None:
@@ -201,9 +213,9 @@ def main() -> None:
                 print(row, flush=True)
     if "capacity" not in skip:
         row = {"seq_len": args.concurrent_len, "kv_memory": args.kv_memory,
-               "dense": capacity(args.model, None, args.concurrent_len, args.kv_memory)}
+               "dense": capacity(args.model, geo, None, args.concurrent_len, args.kv_memory)}
         for s in sparsities:
-            row[f"mustafar_{s}"] = capacity(args.model, s, args.concurrent_len, args.kv_memory)
+            row[f"mustafar_{s}"] = capacity(args.model, geo, s, args.concurrent_len, args.kv_memory)
         result["capacity"] = row
         print(row, flush=True)
     out = Path(args.output)

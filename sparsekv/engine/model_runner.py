@@ -107,9 +107,6 @@ class ModelRunner:
         layout = self._kv_layout(config.sparsity.kv)
         if layout is None:
             return None, 0
-        if layout.compress_chunk % self.page_size:
-            raise ValueError(f"kv.compress_chunk {layout.compress_chunk} must be a multiple of the KV page size "
-                             f"{self.page_size}")
         return layout, layout.staging_rows(config.max_num_seqs, config.max_num_batched_tokens, self.page_size)
 
     def _default_kv_bytes(self, config: EngineConfig) -> int:

@@ -126,6 +126,14 @@ class KVCache:
                 spec.allocate(kv, self.fill)
             self.specs[spec.name] = spec
 
+    def plan_step(self, meta) -> None:
+        """Hook before begin_step with the step's AttnMetadata (requests, slots, tables): caches
+        that manage pages per request (CompressedKVCache) act on it; the plain pool needs nothing."""
+
+    def release(self, slot: int) -> None:
+        """Hook when the request in `slot` ends or is preempted (its pages return to the block
+        manager); the plain pool keeps no per-request state."""
+
     def begin_step(self, idx: WriteIndex) -> None:
         """Track how far each page is written (the same for every layer), once per step."""
         self.fill[idx.fresh] = 0

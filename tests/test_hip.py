@@ -206,9 +206,11 @@ def test_decode_refresh_every_step_equals_fresh_plan_and_sees_new_tokens():
 def test_stage_refresh_schedule():
     be = backend("hip", **STAGED)
     be.free([7])
-    got = [be._advance(7, 900 + i) for i in range(17)]
+    metas = [type("Meta", (), {})() for _ in range(18)]
+    got = [be._advance(7, 900 + i, metas[i]) for i in range(17)]
     assert got == [0, None, None, None, 1, None, None, None, 0, None, None, None, 1, None, None, None, 0]
-    assert be._advance(7, 100) == 0  # a shorter context: another request in the slot, start over
+    assert be._advance(7, 916, metas[16]) == 0 and be.slots[7].step == 17  # a second plan in the step: no advance
+    assert be._advance(7, 100, metas[17]) == 0  # a shorter context: another request in the slot, start over
 
 
 def test_params_are_validated():
@@ -228,3 +230,25 @@ def test_presets_validate():
     for name in ("hip", "infinitehip"):
         cfg = preset(name)
         assert cfg.prefill.params("prefill") == cfg.decode.params("decode")
+
+
+@pytest.mark.slow
+def test_bench_attention_runs_hip_in_both_phases(tmp_path):
+    import argparse
+    import json
+
+    from sparsekv.bench import attention as bench
+
+    config = tmp_path / "hip.json"
+    small = dict(SMALL, block_size_k=16, mask_k=64)
+    config.write_text(json.dumps({"prefill": {"method": "hip", **small}, "decode": {"method": "hip", **small}}))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--methods", f"dense,{config}", "--lengths", "512", "--repeats", "2",
+                              "--num-layers", "2", "--dtype", "float32", "--output", str(tmp_path / "out")])
+    assert bench.run(args) == 0
+    rows = {(r["method"], r["phase"]): r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    for phase in ("prefill", "decode"):
+        row = rows[(str(config), phase)]
+        assert 0 < row["attended_fraction"] < 1 and row["speedup"] > 0
+    assert "scoring_ms" in rows[(str(config), "prefill")]

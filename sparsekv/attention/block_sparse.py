@@ -16,6 +16,15 @@ from sparsekv.attention.streams import run_streams
 from sparsekv.attention.xattention_select import BlockGeometry
 
 
+def pad_to(x: torch.Tensor, length: int, front: int) -> torch.Tensor:
+    """x [H, L, D] placed at row `front` of zeros [H, length, D] (no copy when nothing to pad)."""
+    if front == 0 and x.shape[1] == length:
+        return x.contiguous()
+    out = x.new_zeros(x.shape[0], length, x.shape[2])
+    out[:, front:front + x.shape[1]] = x
+    return out
+
+
 def query_units(q: torch.Tensor, num_kv_heads: int, num_qblocks: int, shared_group: bool) -> torch.Tensor:
     """q [Hq, nqb*B, D] on the block grid -> units [U, rows, D]: (head, block) in that order, or
     (KV head, block) with the group's queries stacked (rows = G*B) when the group shares a list."""

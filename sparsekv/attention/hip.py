@@ -10,18 +10,18 @@ inside the sliding window. Decode attention reads the listed pages with the page
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from sparsekv.attention.backend import AttentionBackend, AttnShape, Plan, register
-from sparsekv.attention.block_sparse import attend_lists, query_units, units_to_heads
+from sparsekv.attention.block_sparse import attend_lists, pad_to, query_units, units_to_heads
 from sparsekv.attention.hip_plan import HiPParams, decode_pages, middle_blocks, prefill_lists, search
 from sparsekv.attention.hip_search import Probe, torch_probe
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.page_select import decode_pages as attend_pages, decode_pages_triton
 from sparsekv.attention.paged import gather_kv, prefill_attention, request_kv
-from sparsekv.attention.xattention import _pad_to
 from sparsekv.attention.xattention_select import BlockGeometry
 from sparsekv.cache.kv_cache import LayerKV
 
@@ -29,11 +29,14 @@ from sparsekv.cache.kv_cache import LayerKV
 @dataclass
 class SlotState:
     """A request's decode masks: steps since its first refresh, the context then, and per layer
-    the kept blocks [Hkv, n] with the stages' outputs they came from."""
+    the kept blocks [Hkv, n] with the stages' outputs they came from. `step_meta` and `refresh`
+    remember this step's decision, so plans of several groups in one step advance it once."""
 
     step: int = 0
     refreshed_len: int = 0
     layers: dict[int, tuple[torch.Tensor, list]] = field(default_factory=dict)
+    step_meta: weakref.ref | None = None
+    refresh: int | None = None
 
 
 @dataclass(eq=False)
@@ -59,18 +62,21 @@ class HiPBackend(AttentionBackend):
         base = super().plan(group, shape)
         plan = HiPPlan(base.group, shape, base.attended)
         if group.phase == "decode":
-            plan.refresh = [self._advance(s, n) for s, n in zip(group.slots_cpu, group.seq_lens_cpu)]
+            plan.refresh = [self._advance(s, n, group.meta) for s, n in zip(group.slots_cpu, group.seq_lens_cpu)]
         return plan
 
-    def _advance(self, slot: int, context_len: int) -> int | None:
+    def _advance(self, slot: int, context_len: int, meta: object) -> int | None:
         """This step's refresh for the slot: the first stage whose interval divides the step."""
         st, intervals = self.slots.get(slot), self.params.refresh_interval
+        if st is not None and st.step_meta is not None and st.step_meta() is meta:
+            return st.refresh
         if st is None or not st.refreshed_len <= context_len <= st.refreshed_len + intervals[0]:
             st = self.slots[slot] = SlotState(0, context_len - 1)  # new, reused slot or stale: start over
-        step, st.step = st.step, st.step + 1
+        step, st.step, st.step_meta = st.step, st.step + 1, weakref.ref(meta)
         if step % intervals[0] == 0:
             st.refreshed_len = context_len
-        return next((i for i, n in enumerate(intervals) if step % n == 0), None)
+        st.refresh = next((i for i, n in enumerate(intervals) if step % n == 0), None)
+        return st.refresh
 
     def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: HiPPlan) -> torch.Tensor:
         if plan.group.phase == "decode":
@@ -91,8 +97,8 @@ class HiPBackend(AttentionBackend):
         if self.dense_prefill(geom):
             return prefill_attention(q, k, v, scale), torch.tensor(q_len * (ctx - q_len) + q_len * (q_len + 1) // 2) * hq
         bq, shared = p.block_size_q, p.gqa_mode == "group_max"
-        kp, vp = _pad_to(k, geom.num_kblocks * bq, 0), _pad_to(v, geom.num_kblocks * bq, 0)
-        qp = _pad_to(q.transpose(0, 1), geom.num_qblocks * bq, geom.pad_front)
+        kp, vp = pad_to(k, geom.num_kblocks * bq, 0), pad_to(v, geom.num_kblocks * bq, 0)
+        qp = pad_to(q.transpose(0, 1), geom.num_qblocks * bq, geom.pad_front)
         with torch.profiler.record_function("hip.select"):  # reported by `bench attention`
             lists, counts, unit_kv, pairs = prefill_lists(p, q, geom, hkv, lambda qs, ukv: torch_probe(qs, kp, ukv))
         units = query_units(qp, hkv, geom.num_qblocks, shared)

@@ -43,8 +43,11 @@ class HiPParams(BackendParams):
             chunks = [c for c, _ in stages]
             if stages[-1] != (bk, self.mask_k):
                 raise ValueError("hip: the last stage must be (block_size_k, mask_k)")
-            if any(a % b for a, b in zip(chunks, chunks[1:])) or any(k < c or k % c for c, k in stages):
-                raise ValueError("hip: each stage chunk must divide the one before and its keep count")
+            keeps = [k for _, k in stages]
+            if any(a % b for a, b in zip(chunks, chunks[1:])) or any(k < c or k % c for c, k in stages) \
+                    or keeps != sorted(keeps, reverse=True):
+                raise ValueError("hip: each stage chunk must divide the one before and its keep count, "
+                                 "and the keep counts must not grow")
         if len(self.refresh_interval) != max(1, len(stages)) or min(self.refresh_interval) < 1 \
                 or list(self.refresh_interval) != sorted(self.refresh_interval, reverse=True):
             raise ValueError("hip: refresh_interval holds one positive, non-increasing interval per stage")

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, BackendParams, Plan, register
-from sparsekv.attention.block_sparse import attend_lists, mask_lists, query_units, units_to_heads
+from sparsekv.attention.block_sparse import attend_lists, mask_lists, pad_to, query_units, units_to_heads
 from sparsekv.attention.paged import prefill_attention, request_kv
 from sparsekv.cache.kv_cache import LayerKV
 from sparsekv.attention.xattention_select import (
@@ -99,9 +99,9 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, k: to
         sel = None  # every causal block is kept: forced blocks cover it, or the dense shortcut
     else:
         bs = p.block_size
-        kp = _pad_to(k, geom.num_kblocks * bs, 0)
-        vp = _pad_to(v, geom.num_kblocks * bs, 0)
-        qp = _pad_to(q.transpose(0, 1), geom.num_qblocks * bs, geom.pad_front)
+        kp = pad_to(k, geom.num_kblocks * bs, 0)
+        vp = pad_to(v, geom.num_kblocks * bs, 0)
+        qp = pad_to(q.transpose(0, 1), geom.num_qblocks * bs, geom.pad_front)
         with torch.profiler.record_function("xattention.select"):  # reported by `bench attention`
             scores = block_scores(qp, kp, geom, p.stride, p.norm, p.select_mode == "antidiagonal")
             sel = _select(p, taus, scores, geom, group)
@@ -112,15 +112,6 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, k: to
         return prefill_attention(q, k, v, scale), torch.tensor(pairs * hq)
     out = block_sparse_attention(qp, kp, vp, sel, geom, scale, shared_group=p.gqa_mode == "group_max")
     return out[:, geom.pad_front:geom.pad_front + q_len].transpose(0, 1), attended_pairs(sel, geom)
-
-
-def _pad_to(x: torch.Tensor, length: int, front: int) -> torch.Tensor:
-    """x [H, L, D] placed at row `front` of zeros [H, length, D] (no copy when nothing to pad)."""
-    if front == 0 and x.shape[1] == length:
-        return x.contiguous()
-    out = x.new_zeros(x.shape[0], length, x.shape[2])
-    out[:, front:front + x.shape[1]] = x
-    return out
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,

@@ -9,6 +9,7 @@ from prefill_cases import Seq, run_prefill
 
 from sparsekv.attention.backend import get_backend
 from sparsekv.attention.hip_plan import HiPParams, prefill_lists
+from sparsekv.attention.page_select import attend_pages
 from sparsekv.attention.hip_search import stage_search, top1_scores, torch_probe, tree_rounds, tree_search
 from sparsekv.attention.paged import gather_kv
 from sparsekv.attention.xattention_select import BlockGeometry
@@ -162,9 +163,10 @@ def test_stages_are_nested_and_shrink():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again, outs))
 
 
-def test_decode_masks_are_cached_and_refreshed():
+@pytest.mark.parametrize("d", [16, 32])  # 32: the compiled CPU kernel's page lists (where it builds)
+def test_decode_masks_are_cached_and_refreshed(d):
     params = dict(SMALL, refresh_interval=(4,))
-    case = make_case([900], seed=2)
+    case = make_case([900], seed=2, d=d)
     be = backend("hip", **params)
     be.free([0])
     probed = []
@@ -174,11 +176,15 @@ def test_decode_masks_are_cached_and_refreshed():
         for step in range(9):
             plan = case.plan(be)
             out, plan = case.run(be, plan=plan)
-            pages = be.slots[0].layers[0][0]
+            mask = be.slots[0].layers[0]
             if step % 4 == 0:
-                first = pages.clone()
-            assert torch.equal(pages, first)  # reused between refreshes
-            assert attended(plan)[0] < case.lens[0] * HQ
+                first = mask.kept.clone()
+            assert torch.equal(mask.kept, first)  # reused between refreshes
+            assert (mask.pages == (case.lens[0] - 1) // PAGE).any(1).all()  # the newest token's page
+            want, pairs = attend_pages(case.q, case.kv, case.tables, torch.tensor(case.lens), mask.pages[None],
+                                       case.scale)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            assert attended(plan) == pairs.tolist() and attended(plan)[0] < case.lens[0] * HQ
             case.lens[0] += 1  # the next token (its key is whatever the pool holds there)
     finally:
         be.decode_probe = orig
@@ -193,11 +199,11 @@ def test_decode_refresh_every_step_equals_fresh_plan_and_sees_new_tokens():
     be = backend("hip", **dict(SMALL, refresh_interval=(1,), sliding_window=16))
     be.free([0])
     out, _ = case.run(be)
-    lists = be.slots[0].layers[0][0]
+    lists = be.slots[0].layers[0].kept
     fresh = backend("hip", **dict(SMALL, refresh_interval=(2,), sliding_window=16))
     fresh.free([0])
     out2, _ = case.run(fresh)
-    assert torch.equal(out, out2) and torch.equal(lists, fresh.slots[0].layers[0][0])
+    assert torch.equal(out, out2) and torch.equal(lists, fresh.slots[0].layers[0].kept)
     from sparsekv.attention.hip_plan import decode_pages
     pages = decode_pages(be.params, lists, 900, 16, 16)
     assert (pages == 890 // 16).any(1).all() and (pages == 0).any(1).all()

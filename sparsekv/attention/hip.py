@@ -27,14 +27,24 @@ from sparsekv.cache.kv_cache import LayerKV
 
 
 @dataclass
+class LayerMask:
+    """One layer's decode mask: the kept middle blocks [Hkv, n], the stage outputs they came
+    from, and the page lists [Hkv, m] attended until the next refresh."""
+
+    kept: torch.Tensor
+    stages: list
+    pages: torch.Tensor
+
+
+@dataclass
 class SlotState:
-    """A request's decode masks: steps since its first refresh, the context then, and per layer
-    the kept blocks [Hkv, n] with the stages' outputs they came from. `step_meta` and `refresh`
-    remember this step's decision, so plans of several groups in one step advance it once."""
+    """A request's decode masks: steps since its first refresh, the context then, and a
+    LayerMask per layer. `step_meta` and `refresh` remember this step's decision, so plans of
+    several groups in one step advance it once."""
 
     step: int = 0
     refreshed_len: int = 0
-    layers: dict[int, tuple[torch.Tensor, list]] = field(default_factory=dict)
+    layers: dict[int, LayerMask] = field(default_factory=dict)
     step_meta: weakref.ref | None = None
     refresh: int | None = None
 
@@ -128,9 +138,11 @@ class HiPBackend(AttentionBackend):
                     qs = q[i].view(hkv, -1, q.shape[-1])
                     probe = self.decode_probe(qs, kv, g, i)
                     bounds = torch.full((hkv,), lo, device=q.device), torch.full((hkv,), hi, device=q.device)
-                    cached = st.layers[layer][1] if layer in st.layers else None
-                    st.layers[layer] = search(p, probe, *bounds, block, start, cached)
-                pages[i] = decode_pages(p, st.layers[layer][0], n, block, kv.page_size)
+                    cached = st.layers[layer].stages if layer in st.layers else None
+                    kept, stages = search(p, probe, *bounds, block, start, cached)
+                    until = n + p.refresh_interval[-1] - 1  # the last stage reruns every that many steps
+                    st.layers[layer] = LayerMask(kept, stages, decode_pages(p, kept, n, block, kv.page_size, until))
+                pages[i] = st.layers[layer].pages
         return self.attend(q, kv, plan, pages)
 
     def decode_probe(self, qs: torch.Tensor, kv: LayerKV, group: BatchGroup, i: int) -> Probe:

@@ -145,11 +145,14 @@ def middle_blocks(p: HiPParams, context_len: int, block: int) -> tuple[int, int]
     return -(-p.sink // block), max(0, context_len - p.sliding_window) // block
 
 
-def decode_pages(p: HiPParams, kept: torch.Tensor, context_len: int, block: int, page_size: int) -> torch.Tensor:
+def decode_pages(p: HiPParams, kept: torch.Tensor, context_len: int, block: int, page_size: int,
+                 until: int = 0) -> torch.Tensor:
     """Pool pages [Hkv, n] a decode query attends: sink, the kept middle blocks [Hkv, m] (-1
-    padded, found at the last refresh), and the window up to the current token."""
+    padded, found at the last refresh), and the window from the current token's on, through
+    position `until` (default: the current token). Listing the pages of tokens still to come
+    lets one list serve until the next refresh: the kernels skip positions past the context."""
     lo, cut = middle_blocks(p, context_len, block)
-    end = -(-context_len // block)
+    end = -(-max(context_len, until) // block)
     hkv, dev = kept.shape[0], kept.device
     fixed = torch.cat([torch.arange(min(lo, end), device=dev), torch.arange(max(cut, lo), end, device=dev)])
     blocks, counts = compact([fixed.expand(hkv, -1), kept], [torch.ones(hkv, fixed.numel(), dtype=torch.bool,

@@ -41,7 +41,7 @@ def _pool(seed=0):
     return kv, torch.randperm(48, generator=g)
 
 
-@pytest.mark.parametrize("width,m", [(1, 3), (4, 8), (2, 20)])
+@pytest.mark.parametrize("width,m", [(1, 3), (4, 8), (2, 20), (128, 5)])
 def test_probe_kernel_matches_torch(width, m):
     kv, perm = _pool()
     table = perm[:40]
@@ -55,19 +55,22 @@ def test_probe_kernel_matches_torch(width, m):
     torch.testing.assert_close(got, torch_probe(qs, k, ukv)(starts, width), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("params", [SMALL, pytest.param(dict(SMALL, gqa_mode="group_max"), marks=pytest.mark.slow),
-                                    dict(SMALL, block_size_k=8, stages=((32, 64), (8, 32)), refresh_interval=(8, 4))])
+@pytest.mark.parametrize("params", [
+    SMALL, pytest.param(dict(SMALL, gqa_mode="group_max"), marks=pytest.mark.slow),
+    pytest.param(dict(SMALL, block_size_k=8, stages=((32, 64), (8, 32)), refresh_interval=(8, 4)), marks=pytest.mark.slow)])
 def test_prefill_pipeline_matches_cpu_path(params):
     kv, perm = _pool(1)
     g = torch.Generator().manual_seed(3)
-    seqs = [Seq(0, 120, 120, perm[:15]), Seq(120, 40, 100, perm[15:28])]  # the second is chunked (Lq < Lk)
-    q = torch.randn(160, HQ, D, generator=g)
+    # the second is chunked (Lq < Lk), the third short enough to be dense beside the sparse ones
+    seqs = [Seq(0, 120, 120, perm[:15]), Seq(120, 40, 100, perm[15:28]), Seq(160, 30, 30, perm[28:32])]
+    q = torch.randn(190, HQ, D, generator=g)
     p = HiPParams(**params)
     want = run_prefill(HiPBackend(p), q, kv, seqs, D ** -0.5)
     pairs = [s.attended for s in seqs]
     got = run_prefill(HiPTriton(p), q, kv, seqs, D ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert [s.attended for s in seqs] == pairs and pairs[0] < seqs[0].causal_pairs * HQ
+    assert pairs[2] == seqs[2].causal_pairs * HQ
 
 
 def test_decode_matches_cpu_path_across_refreshes():

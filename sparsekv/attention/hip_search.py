@@ -114,19 +114,23 @@ def stage_search(probe: Probe, lo: torch.Tensor, hi: torch.Tensor, stages: list[
 
 def torch_probe(qs: torch.Tensor, k: torch.Tensor, unit_kv: torch.Tensor, budget: int = 1 << 22) -> Probe:
     """The CPU probe. qs [U, M, D] the units' (strided) queries, padded by repeating a real one;
-    k [Hkv, L, D] the sequence's keys (zero-padded past the context); unit_kv [U]."""
+    k [Hkv, L, D] the sequence's keys (any strides: a view of the pool is read in place, only
+    the probed rows are gathered); unit_kv [U]."""
     hkv, length, d = k.shape
-    kflat = k.reshape(hkv * length, d)
-    base = (unit_kv * length).view(-1, 1, 1)
+    heads = unit_kv.view(-1, 1, 1)
+    flat = k.view(hkv * length, d) if k.is_contiguous() else None  # index_select: ~1.5x advanced indexing
 
     def probe(starts: torch.Tensor, width: int) -> torch.Tensor:
         u, c = starts.shape
-        pos = starts.unsqueeze(-1) + torch.arange(width, device=starts.device)
-        idx = (base + pos.clamp(min=0)).view(u, -1)
+        pos = (starts.unsqueeze(-1) + torch.arange(width, device=starts.device)).clamp(min=0)
         out = torch.empty(u, c, dtype=torch.float32, device=starts.device)
         step = max(1, budget // max(1, c * width * d))
         for a in range(0, u, step):
-            keys = kflat.index_select(0, idx[a:a + step].reshape(-1)).view(-1, c * width, d)
+            if flat is None:
+                keys = k[heads[a:a + step], pos[a:a + step]]
+            else:
+                keys = flat.index_select(0, (heads[a:a + step] * length + pos[a:a + step]).view(-1))
+            keys = keys.view(-1, c * width, d)  # [u, C*W, D]
             s = torch.bmm(qs[a:a + step], keys.transpose(1, 2).to(qs.dtype)).float()
             out[a:a + step] = s.amax(1).view(-1, c, width).amax(-1)
         return out.masked_fill_(starts < 0, float("-inf"))

@@ -124,8 +124,8 @@ class Case:
         pairs = group.causal_pairs_cpu()[0] * self.hq * layers
         last: dict = {}
 
-        def step():
-            plan = backend.plan(group, shape)
+        def step():  # fresh metadata each step, as the engine builds it (HiP counts steps by it)
+            plan = backend.plan(self.group(phase, q.shape[0], self.length + (phase == "decode")), shape)
             for layer in range(layers):
                 backend.forward(q, self.kv, layer, plan)
             last["plan"] = plan

@@ -258,3 +258,13 @@ def test_bench_attention_runs_hip_in_both_phases(tmp_path):
         row = rows[(str(config), phase)]
         assert 0 < row["attended_fraction"] < 1 and row["speedup"] > 0
     assert "scoring_ms" in rows[(str(config), "prefill")]
+
+
+def test_chunk_on_a_block_boundary_selects_like_the_whole_prompt():
+    kv, p = _pool(), HiPParams(**SMALL)
+    q = torch.randn(700, HQ, D, generator=torch.Generator().manual_seed(5))
+    table = torch.arange(44)
+    be = get_backend("hip", p)
+    whole = run_prefill(be, q, kv, [Seq(0, 700, 700, table)], D ** -0.5)
+    tail = run_prefill(be, q[320:], kv, [Seq(0, 380, 700, table)], D ** -0.5)  # 320 = 10 query blocks
+    torch.testing.assert_close(tail, whole[320:], rtol=1e-5, atol=1e-5)

@@ -171,7 +171,7 @@ def test_decode_masks_are_cached_and_refreshed(d):
     be.free([0])
     probed = []
     orig = be.decode_probe
-    be.decode_probe = lambda *a: (probed.append(case.lens[0]), orig(*a))[1]
+    be.decode_probe = lambda qs, *a: (probed.append((case.lens[0], qs.shape[1])), orig(qs, *a))[1]
     try:
         for step in range(9):
             plan = case.plan(be)
@@ -188,7 +188,8 @@ def test_decode_masks_are_cached_and_refreshed(d):
             case.lens[0] += 1  # the next token (its key is whatever the pool holds there)
     finally:
         be.decode_probe = orig
-    assert probed == [900, 904, 908]
+    g = HQ // HKV  # a refresh's query block: the group's heads over the last 4 decode queries
+    assert probed == [(900, g), (904, 4 * g), (908, 4 * g)]
     be.free([0])
     assert 0 not in be.slots
 

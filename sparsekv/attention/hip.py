@@ -3,7 +3,8 @@
 Prefill: each query block searches its middle keys (hip_search) and attends sink + kept blocks +
 window through the shared block-sparse path (block_sparse.attend_lists on the CPU, the paged
 Triton prefill kernel with small key blocks on CUDA). Decode: a refresh searches whole KV pages
-with the current query's heads as the query block, one list per KV head; the result is cached
+with the last refresh_interval[-1] decode queries (the paper's prefix-query buffer) of a KV
+group's heads as the query block, one list per KV head; the result is cached
 per request slot and layer and reused for the next steps (stage i of InfiniteHiP reruns every
 refresh_interval[i] steps from the cached output of stage i - 1); tokens generated since are
 inside the sliding window. Decode attention reads the listed pages with the page-list kernels.
@@ -45,6 +46,7 @@ class SlotState:
     step: int = 0
     refreshed_len: int = 0
     layers: dict[int, LayerMask] = field(default_factory=dict)
+    queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per layer, the last decode queries
     step_meta: weakref.ref | None = None
     refresh: int | None = None
 
@@ -132,18 +134,27 @@ class HiPBackend(AttentionBackend):
                 if p.fits((hi - lo) * block):
                     continue
                 st = self.slots[slot]
+                recent = st.queries.setdefault(layer, [])
+                recent.append(q[i].clone())  # the prefix-query buffer: the last few decode queries
+                del recent[:-p.refresh_interval[-1]]
                 start = plan.refresh[i] if layer in st.layers else 0
                 if start is not None:
-                    hkv = kv.k.shape[1]
-                    qs = q[i].view(hkv, -1, q.shape[-1])
-                    probe = self.decode_probe(qs, kv, g, i)
-                    bounds = torch.full((hkv,), lo, device=q.device), torch.full((hkv,), hi, device=q.device)
-                    cached = st.layers[layer].stages if layer in st.layers else None
-                    kept, stages = search(p, probe, *bounds, block, start, cached)
-                    until = n + p.refresh_interval[-1] - 1  # the last stage reruns every that many steps
-                    st.layers[layer] = LayerMask(kept, stages, decode_pages(p, kept, n, block, kv.page_size, until))
+                    st.layers[layer] = self._refresh(kv, g, i, layer, st, start, torch.stack(recent), block)
                 pages[i] = st.layers[layer].pages
         return self.attend(q, kv, plan, pages)
+
+    def _refresh(self, kv: LayerKV, g: BatchGroup, i: int, layer: int, st: SlotState, start: int,
+                 recent: torch.Tensor, block: int) -> LayerMask:
+        """Search request i's middle pages from stage `start` on, each KV head's query block being
+        its group's heads over the buffered queries recent [n, Hq, D]."""
+        p, n, hkv = self.params, g.seq_lens_cpu[i], kv.k.shape[1]
+        lo, hi = middle_blocks(p, n, block)
+        qs = recent.view(recent.shape[0], hkv, -1, recent.shape[-1]).transpose(0, 1).reshape(hkv, -1, recent.shape[-1])
+        bounds = torch.full((hkv,), lo, device=qs.device), torch.full((hkv,), hi, device=qs.device)
+        cached = st.layers[layer].stages if layer in st.layers else None
+        kept, stages = search(p, self.decode_probe(qs, kv, g, i), *bounds, block, start, cached)
+        until = n + p.refresh_interval[-1] - 1  # the last stage reruns every that many steps
+        return LayerMask(kept, stages, decode_pages(p, kept, n, block, kv.page_size, until))
 
     def decode_probe(self, qs: torch.Tensor, kv: LayerKV, group: BatchGroup, i: int) -> Probe:
         k, _ = gather_kv(kv, group.block_tables_cpu[i], group.seq_lens_cpu[i], group.page_runs[i])
@@ -196,6 +207,19 @@ class HiPTriton(HiPBackend):
                                p.block_size_k)
         plan.attended += torch.stack(attended).to(torch.float64)
         return paged_prefill(q, kv, g, plan.scale, lists)
+
+    def _refresh(self, kv: LayerKV, g: BatchGroup, i: int, layer: int, st: SlotState, start: int,
+                 recent: torch.Tensor, block: int) -> LayerMask:
+        """Search request i's middle pages from stage `start` on, each KV head's query block being
+        its group's heads over the buffered queries recent [n, Hq, D]."""
+        p, n, hkv = self.params, g.seq_lens_cpu[i], kv.k.shape[1]
+        lo, hi = middle_blocks(p, n, block)
+        qs = recent.view(recent.shape[0], hkv, -1, recent.shape[-1]).transpose(0, 1).reshape(hkv, -1, recent.shape[-1])
+        bounds = torch.full((hkv,), lo, device=qs.device), torch.full((hkv,), hi, device=qs.device)
+        cached = st.layers[layer].stages if layer in st.layers else None
+        kept, stages = search(p, self.decode_probe(qs, kv, g, i), *bounds, block, start, cached)
+        until = n + p.refresh_interval[-1] - 1  # the last stage reruns every that many steps
+        return LayerMask(kept, stages, decode_pages(p, kept, n, block, kv.page_size, until))
 
     def decode_probe(self, qs: torch.Tensor, kv: LayerKV, group: BatchGroup, i: int) -> Probe:
         from sparsekv.attention.kernels.hip_probe import paged_probe

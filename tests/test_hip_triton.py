@@ -57,7 +57,8 @@ def test_probe_kernel_matches_torch(width, m):
 
 @pytest.mark.parametrize("params", [
     SMALL, pytest.param(dict(SMALL, gqa_mode="group_max"), marks=pytest.mark.slow),
-    pytest.param(dict(SMALL, block_size_k=8, stages=((32, 64), (8, 32)), refresh_interval=(8, 4)), marks=pytest.mark.slow)])
+    pytest.param(dict(SMALL, block_size_k=8, stages=((32, 64), (8, 32)), refresh_interval=(8, 4)),
+                 marks=pytest.mark.slow)])
 def test_prefill_pipeline_matches_cpu_path(params):
     kv, perm = _pool(1)
     g = torch.Generator().manual_seed(3)

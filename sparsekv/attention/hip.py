@@ -107,7 +107,8 @@ class HiPBackend(AttentionBackend):
         p, (q_len, hq, _), (hkv, ctx, _) = self.params, q.shape, k.shape
         geom = BlockGeometry(p.block_size_q, q_len, ctx)
         if self.dense_prefill(geom):
-            return prefill_attention(q, k, v, scale), torch.tensor(q_len * (ctx - q_len) + q_len * (q_len + 1) // 2) * hq
+            pairs = q_len * (ctx - q_len) + q_len * (q_len + 1) // 2
+            return prefill_attention(q, k, v, scale), torch.tensor(pairs * hq)
         bq, shared = p.block_size_q, p.gqa_mode == "group_max"
         kp, vp = pad_to(k, geom.num_kblocks * bq, 0), pad_to(v, geom.num_kblocks * bq, 0)
         qp = pad_to(q.transpose(0, 1), geom.num_qblocks * bq, geom.pad_front)

@@ -116,12 +116,12 @@ def prefill_lists(p: HiPParams, q: torch.Tensor, geom: BlockGeometry, num_kv_hea
     win_lo = torch.maximum(cut, sink_end)
     pos = (starts.view(-1, 1) + torch.arange(0, bq, p.block_stride_q, device=dev)).clamp(geom.q_first,
                                                                                           geom.context_len - 1)
-    qs = q[pos - geom.q_first]  # [nqb, M, Hq, D]; clamped rows repeat a real query
+    qs, d = q[pos - geom.q_first], q.shape[2]  # [nqb, M, Hq, D]; clamped rows repeat a real query
     if shared:
-        qs = qs.view(nqb, -1, num_kv_heads, group, q.shape[2]).permute(2, 0, 3, 1, 4).reshape(num_kv_heads * nqb, -1, q.shape[2])
+        qs = qs.view(nqb, -1, num_kv_heads, group, d).permute(2, 0, 3, 1, 4).reshape(num_kv_heads * nqb, -1, d)
         unit_kv = torch.arange(num_kv_heads, device=dev).repeat_interleave(nqb)
     else:
-        qs = qs.permute(2, 0, 1, 3).reshape(hq * nqb, -1, q.shape[2])
+        qs = qs.permute(2, 0, 1, 3).reshape(hq * nqb, -1, d)
         unit_kv = torch.arange(hq, device=dev).repeat_interleave(nqb) // group
     units = qs.shape[0] // nqb
 

@@ -96,9 +96,11 @@ def prune_stage(probe: Probe, s: torch.Tensor, e: torch.Tensor, span: int, chunk
     return cs.gather(1, top), ce.gather(1, top)
 
 
+Ranges = tuple[torch.Tensor, torch.Tensor]  # (start, end) [U, C] token ranges; end <= start: none
+
+
 def stage_search(probe: Probe, lo: torch.Tensor, hi: torch.Tensor, stages: list[tuple[int, int]],
-                 representative: str, start: int = 0,
-                 cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 representative: str, start: int = 0, cached: list[Ranges] | None = None) -> list[Ranges]:
     """All stages (chunk, keep) from `start` on, over the middle tokens [lo, hi) [U]; stage
     `start` takes its input from cached[start - 1]. Returns every stage's kept chunks; the
     outputs are nested (each stage splits and keeps a subset of the one before)."""

@@ -173,5 +173,6 @@ def paged_prefill(q: torch.Tensor, kv, group, scale: float, block_lists: BlockLi
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         meta.block_tables.stride(0),
         GROUP=hq // kv.k.shape[1], PAGE=kv.page_size, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
-        SPARSE=sparse, KEY_BLOCK=block_lists.key_block if sparse else block, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        SPARSE=sparse, KEY_BLOCK=block_lists.key_block if sparse else block,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return out

@@ -134,6 +134,15 @@ class SparsityConfig(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     "dense": {},
     "delta": {"decode": {"method": "delta"}},
+    "hip": {"prefill": {"method": "hip"}, "decode": {"method": "hip"}},
+    # InfiniteHiP's "3K" preset (arXiv 2502.08910): stages of 256/32/8-token chunks keeping
+    # 32K/8K/2K tokens, 256 sink + 1024 window tokens, stage refreshes (16, 8, 4); its larger-k
+    # first layers become dense layers here, and short prompts prefill densely
+    "infinitehip": {**{phase: {"method": "hip", "mask_k": 2048, "block_size_q": 64, "block_stride_q": 4,
+                               "block_size_k": 8, "sink": 256, "sliding_window": 1024,
+                               "stages": [[256, 32768], [32, 8192], [8, 2048]], "refresh_interval": [16, 8, 4],
+                               "gqa_mode": "group_max", "prefill_dense_threshold": 8192}
+                       for phase in ("prefill", "decode")}, "dense_layers": [0, 1, 2, 3]},
     "quest": {"decode": {"method": "quest"}},
     "xattention": {"prefill": {"method": "xattention"}},
     "mustafar": {"kv": {"prune": "mustafar"}},

@@ -84,7 +84,8 @@ def attend_pages(q: torch.Tensor, kv: LayerKV, block_tables: list[torch.Tensor],
     """
     bsz, hq, d = q.shape
     _, hkv, ps, _ = kv.k.shape
-    phys = torch.stack([bt[p.clamp(min=0)] for bt, p in zip(block_tables, pages)])  # [B, Hkv, n]
+    # pages past a table (listed ahead of the context, as HiP does) read its last page, masked below
+    phys = torch.stack([bt[p.clamp(0, len(bt) - 1)] for bt, p in zip(block_tables, pages)])  # [B, Hkv, n]
     heads = torch.arange(hkv, device=phys.device).view(1, hkv, 1)
     k = kv.k[phys, heads].view(bsz, hkv, -1, d)  # one gather of the selected (page, head) rows
     v = kv.v[phys, heads].view(bsz, hkv, -1, d)

@@ -7,16 +7,15 @@ the unselected blocks; on CUDA the same selection feeds the Triton block-sparse 
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, BackendParams, Plan, register
+from sparsekv.attention.block_sparse import attend_lists, mask_lists, pad_to, query_units, units_to_heads
 from sparsekv.attention.paged import prefill_attention, request_kv
 from sparsekv.cache.kv_cache import LayerKV
-from sparsekv.attention.streams import run_streams
 from sparsekv.attention.xattention_select import (
     BlockGeometry, block_scores, causal_blocks, head_thresholds, load_threshold_table, select_blocks)
 
@@ -100,9 +99,9 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, k: to
         sel = None  # every causal block is kept: forced blocks cover it, or the dense shortcut
     else:
         bs = p.block_size
-        kp = _pad_to(k, geom.num_kblocks * bs, 0)
-        vp = _pad_to(v, geom.num_kblocks * bs, 0)
-        qp = _pad_to(q.transpose(0, 1), geom.num_qblocks * bs, geom.pad_front)
+        kp = pad_to(k, geom.num_kblocks * bs, 0)
+        vp = pad_to(v, geom.num_kblocks * bs, 0)
+        qp = pad_to(q.transpose(0, 1), geom.num_qblocks * bs, geom.pad_front)
         with torch.profiler.record_function("xattention.select"):  # reported by `bench attention`
             scores = block_scores(qp, kp, geom, p.stride, p.norm, p.select_mode == "antidiagonal")
             sel = _select(p, taus, scores, geom, group)
@@ -115,78 +114,18 @@ def _forward_seq(p: XAttentionParams, taus: torch.Tensor, q: torch.Tensor, k: to
     return out[:, geom.pad_front:geom.pad_front + q_len].transpose(0, 1), attended_pairs(sel, geom)
 
 
-def _pad_to(x: torch.Tensor, length: int, front: int) -> torch.Tensor:
-    """x [H, L, D] placed at row `front` of zeros [H, length, D] (no copy when nothing to pad)."""
-    if front == 0 and x.shape[1] == length:
-        return x.contiguous()
-    out = x.new_zeros(x.shape[0], length, x.shape[2])
-    out[:, front:front + x.shape[1]] = x
-    return out
-
-
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
-                           geom: BlockGeometry, scale: float, shared_group: bool = False,
-                           budget: int = 1 << 19) -> torch.Tensor:
+                           geom: BlockGeometry, scale: float, shared_group: bool = False) -> torch.Tensor:
     """Causal attention over selected key blocks only, on contiguous padded tensors.
 
     q: [Hq, nqb*B, D] on the absolute block grid; k, v: [Hkv, nkb*B, D]; sel: bool [Hq, nqb, nkb]
     with each diagonal block set. Work units are (query head, query block), or (KV head, query
     block) with the group's queries stacked when `shared_group` (the group shares one selection).
-    Units with equal block counts run together as one batched attention call over their gathered
-    blocks, so there is no padding, no token mask except the diagonal block's triangle, and each
-    batch stays near `budget` score elements (cache sized).
     """
-    hq, _, d = q.shape
-    hkv, bs, nqb, nkb = k.shape[0], geom.block_size, geom.num_qblocks, geom.num_kblocks
-    group = hq // hkv
-    qb = q.view(hq, nqb, bs, d)
-    if shared_group:
-        units = qb.view(hkv, group, nqb, bs, d).transpose(1, 2).reshape(hkv * nqb, group * bs, d)
-        usel = sel.view(hkv, group, nqb, nkb)[:, 0].reshape(-1, nkb)
-        unit_kv = torch.arange(hkv).repeat_interleave(nqb)
-    else:
-        units = qb.reshape(hq * nqb, bs, d)
-        usel = sel.reshape(-1, nkb)
-        unit_kv = torch.arange(hq).repeat_interleave(nqb) // group
-    usel = usel.cpu()
-    nunits, rows = units.shape[0], units.shape[1]
-    diag = (geom.first_block + torch.arange(nqb)).repeat(nunits // nqb)
-    # slot 0 is the diagonal block (the only one needing a token mask), then the others ascending
-    rank = torch.where(usel, torch.arange(nkb).view(1, -1), nkb)
-    rank[torch.arange(nunits), diag] = -1
-    counts = usel.sum(-1)
-    order = counts.argsort()  # units sorted by block count: each batch is a slice
-    slots = rank.sort(-1).values[:, :int(counts.max())]
-    slots[:, 0] = diag
-    slots = (slots + (unit_kv * nkb).view(-1, 1))[order]
-    kflat, vflat = k.reshape(hkv * nkb, bs, d), v.reshape(hkv * nkb, bs, d)
-    causal = torch.ones(bs, bs, dtype=torch.bool).tril_().repeat(rows // bs, 1)  # in the diagonal slot
-    out = torch.empty_like(units)
-
-    def batch(a: int, b: int, m: int) -> None:
-        # SDPA's fused CPU kernel (softmax in fp32, no score matrix in memory) over the gathered
-        # blocks: 1.2-1.3x the speed of separate bmm + softmax + bmm measured here
-        idx = slots[a:b, :m].reshape(-1)
-        kb = kflat.index_select(0, idx).view(b - a, 1, m * bs, d)
-        vb = vflat.index_select(0, idx).view(b - a, 1, m * bs, d)
-        allowed = torch.ones(rows, m * bs, dtype=torch.bool)
-        allowed[:, :bs] = causal
-        unit = order[a:b]
-        res = torch.nn.functional.scaled_dot_product_attention(units.index_select(0, unit).unsqueeze(1), kb, vb,
-                                                               attn_mask=allowed, scale=scale)
-        out.index_copy_(0, unit, res.squeeze(1))
-
-    tasks = []
-    values, sizes = torch.unique_consecutive(counts[order], return_counts=True)
-    start = 0
-    for m, size in zip(values.tolist(), sizes.tolist()):
-        step = max(1, budget // (rows * m * bs))
-        tasks += [partial(batch, a, min(a + step, start + size), m) for a in range(start, start + size, step)]
-        start += size
-    run_streams(tasks[::-1])  # the biggest batches first
-    if shared_group:
-        out = out.view(hkv, nqb, group, bs, d).transpose(1, 2)
-    return out.reshape(hq, nqb * bs, d)
+    hq, hkv, nqb, bs = q.shape[0], k.shape[0], geom.num_qblocks, geom.block_size
+    lists, counts, unit_kv = mask_lists(sel, geom, shared_group, hq // hkv)
+    out = attend_lists(query_units(q, hkv, nqb, shared_group), k, v, lists, counts, unit_kv, bs, bs, scale)
+    return units_to_heads(out, hq, hkv, nqb, shared_group)
 
 
 @register

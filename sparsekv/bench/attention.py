@@ -63,9 +63,9 @@ def resolve(name: str):
     return "dense", cfg.prefill.params("prefill"), phases("dense")
 
 
-def median_ms(fn, repeats: int, sync) -> float:
-    """Median wall time of fn() over `repeats` calls after one warm-up; a first call over 2 s
-    needs no warm-up and counts."""
+def times_ms(fn, repeats: int, sync) -> list[float]:
+    """Wall times of fn() over `repeats` calls after one warm-up; a first call over 2 s needs
+    no warm-up and counts."""
     def timed() -> float:
         t = time.perf_counter()
         fn()
@@ -75,7 +75,11 @@ def median_ms(fn, repeats: int, sync) -> float:
     first = timed()
     times = [first] if first >= 2.0 else []
     times += [timed() for _ in range(repeats - len(times))]
-    return 1e3 * statistics.median(times)
+    return [1e3 * t for t in times]
+
+
+def median_ms(fn, repeats: int, sync) -> float:
+    return statistics.median(times_ms(fn, repeats, sync))
 
 
 def select_ms(fn) -> float:
@@ -120,8 +124,8 @@ class Case:
         pairs = group.causal_pairs_cpu()[0] * self.hq * layers
         last: dict = {}
 
-        def step():
-            plan = backend.plan(group, shape)
+        def step():  # fresh metadata each step, as the engine builds it (HiP counts steps by it)
+            plan = backend.plan(self.group(phase, q.shape[0], self.length + (phase == "decode")), shape)
             for layer in range(layers):
                 backend.forward(q, self.kv, layer, plan)
             last["plan"] = plan
@@ -131,8 +135,11 @@ class Case:
         """median_ms and attended_fraction (+ extras) of one method in one phase."""
         repeats = self.args.repeats
         fn, fraction = self.call(backend, phase)
-        ms = median_ms(fn, repeats, self.sync)
-        row = {"median_ms": ms, "attended_fraction": fraction()}
+        times = times_ms(fn, repeats, self.sync)
+        # mean_ms: methods that refresh a cached selection every few steps (HiP) pay it on some
+        # steps only, so the mean over a multiple of the interval is the amortized step
+        row = {"median_ms": statistics.median(times), "mean_ms": statistics.mean(times),
+               "attended_fraction": fraction()}
         if phase == "prefill":
             if backend.name != "dense":
                 row["scoring_ms"] = select_ms(fn)

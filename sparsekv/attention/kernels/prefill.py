@@ -21,17 +21,22 @@ DENSE_BLOCK = 64  # query/key tile of the dense path
 class BlockLists:
     """Selected key blocks per (sequence, query head, query block), in CSR form.
 
-    Blocks are `block_size` tokens on the absolute grid: a sequence whose queries are positions
+    Query blocks are `block_size` tokens on the absolute grid: a sequence whose queries are positions
     [ctx - q_len, ctx) owns query blocks I = (ctx - q_len) // B .. ceil(ctx / B) - 1, numbered
     locally b = I - (ctx - q_len) // B. Row r = row_start[s] + h * nqb_s + b lists its absolute
-    key block ids in indices[indptr[r]:indptr[r + 1]], ascending, each <= I; it should include
-    the diagonal block I, or rows of queries with no key come out as zeros.
+    key block ids in indices[indptr[r]:indptr[r + 1]], in any order: blocks of `key_block` tokens
+    (block_size by default; a divisor of it for HiP), none past the query block. The list should
+    cover the diagonal, or rows of queries with no key come out as zeros.
     """
 
     block_size: int
     indptr: torch.Tensor  # int32 [rows + 1]
     indices: torch.Tensor  # int32 [nnz]
     row_start: torch.Tensor  # int32 [num_seqs]
+    key_block: int = 0  # 0: block_size
+
+    def __post_init__(self) -> None:
+        self.key_block = self.key_block or self.block_size
 
     @classmethod
     def from_masks(cls, masks: list[torch.Tensor], block_size: int) -> "BlockLists":
@@ -78,28 +83,23 @@ def _tile_meta(group, block_size: int, device: torch.device) -> TileMeta:
 
 
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, pos, k_ptr, v_ptr, bt_row, kv_off, lo, hi,
-                 stride_kp, stride_ks, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update with keys [lo, hi), causal against query positions `pos`."""
+def _attend_tile(acc, m_i, l_i, q, pos, offs_n, kvalid, k_ptr, v_ptr, bt_row, kv_off,
+                 stride_kp, stride_ks, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update with the keys at positions `offs_n` (where kvalid), causal against `pos`."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kvalid = offs_n < hi
-        page = tl.load(bt_row + offs_n // PAGE, mask=kvalid, other=0).to(tl.int64)
-        off = page * stride_kp + kv_off + (offs_n % PAGE) * stride_ks
-        k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=kvalid[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where((offs_n[None, :] <= pos[:, None]) & kvalid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=kvalid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    page = tl.load(bt_row + offs_n // PAGE, mask=kvalid, other=0).to(tl.int64)
+    off = page * stride_kp + kv_off + (offs_n % PAGE) * stride_ks
+    k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=kvalid[:, None], other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = tl.where((offs_n[None, :] <= pos[:, None]) & kvalid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=kvalid[:, None], other=0.0).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, tile_seq_ptr, tile_blk_p
                     ctx_ptr, row_start_ptr, indptr_ptr, indices_ptr, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_kh, stride_ks, stride_bt,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPARSE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPARSE: tl.constexpr, KEY_BLOCK: tl.constexpr,
                     PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,17 +129,26 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, tile_seq_ptr, tile_blk_p
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lane = tl.arange(0, BLOCK_N)
     if SPARSE:
+        # the listed blocks' keys laid end to end, BLOCK_N at a time: several small blocks share a
+        # tile, or a large block spans several tiles
         nqb = (ctx + BLOCK - 1) // BLOCK - p0 // BLOCK
         row = tl.load(row_start_ptr + seq) + h * nqb + b
-        for e in range(tl.load(indptr_ptr + row), tl.load(indptr_ptr + row + 1)):
-            kb = tl.load(indices_ptr + e)
-            hi = tl.minimum(kb * BLOCK + BLOCK, end)
-            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, pos, k_ptr, v_ptr, bt_row, kv_off, kb * BLOCK, hi,
-                                         stride_kp, stride_ks, PAGE, BLOCK_N, HEAD_DIM, PRECISION)
+        e_lo = tl.load(indptr_ptr + row)
+        e_hi = tl.load(indptr_ptr + row + 1)
+        for start in range(e_lo * KEY_BLOCK, e_hi * KEY_BLOCK, BLOCK_N):
+            flat = start + lane
+            listed = flat < e_hi * KEY_BLOCK
+            kb = tl.load(indices_ptr + flat // KEY_BLOCK, mask=listed, other=0)
+            offs_n = kb * KEY_BLOCK + flat % KEY_BLOCK
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, pos, offs_n, listed & (offs_n < end), k_ptr, v_ptr,
+                                         bt_row, kv_off, stride_kp, stride_ks, PAGE, HEAD_DIM, PRECISION)
     else:
-        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, pos, k_ptr, v_ptr, bt_row, kv_off, 0, end,
-                                     stride_kp, stride_ks, PAGE, BLOCK_N, HEAD_DIM, PRECISION)
+        for start in range(0, end, BLOCK_N):
+            offs_n = start + lane
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, pos, offs_n, offs_n < end, k_ptr, v_ptr, bt_row, kv_off,
+                                         stride_kp, stride_ks, PAGE, HEAD_DIM, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=qvalid[:, None])
@@ -164,5 +173,6 @@ def paged_prefill(q: torch.Tensor, kv, group, scale: float, block_lists: BlockLi
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         meta.block_tables.stride(0),
         GROUP=hq // kv.k.shape[1], PAGE=kv.page_size, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d,
-        SPARSE=sparse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        SPARSE=sparse, KEY_BLOCK=block_lists.key_block if sparse else block,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,9 +46,17 @@ class KVSection(BaseModel):
 
 
 class FFNSection(BaseModel):
+    """Activation sparsity (none | teal | wina | chess): the fraction `sparsity` of each sparsified
+    projection's inputs is dropped. Decode only unless `prefill_sparsify_fraction` > 0 (the last
+    fraction of each prompt's positions is sparsified: TEAL's evals 0.5, WINA's 0.99)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str = "none"
-    sparsity: float = Field(0.0, ge=0.0, le=1.0)
+    sparsity: float = Field(0.0, ge=0.0, le=0.99)
+    prefill_sparsify_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    mask_by: Literal["topk", "threshold"] = "topk"  # WINA: per-token top-k (its script) or calibrated
+    colnorm_sites: tuple[Literal["qkv", "o", "gate_up", "down"], ...] = ("qkv", "o", "gate_up", "down")  # WINA
+    mode: Literal["cats", "chess_wo", "chess_w"] = "chess_w"  # CHESS: scalar / channel-wise, attention too
 
 
 class SparsityConfig(BaseModel):
@@ -69,7 +77,7 @@ class SparsityConfig(BaseModel):
         self.decode.params("decode")
         for name, value, known in (("kv.prune", self.kv.prune, ("none",)),
                                    ("kv.evict", self.kv.evict, ("none",)),
-                                   ("ffn.method", self.ffn.method, ("none",))):
+                                   ("ffn.method", self.ffn.method, ("none", "teal", "wina", "chess"))):
             if value not in known:
                 raise ValueError(f"{name} {value!r} is not available; known: {', '.join(known)}")
         return self
@@ -132,6 +140,7 @@ class EngineConfig(BaseModel):
     hf_overrides: dict[str, Any] = Field(default_factory=dict,
                                          description="laid over the model's config, e.g. {\"rope_scaling\": {...}}")
     sparsity: SparsityConfig = SparsityConfig()
+    ffn_thresholds: str | None = None  # calibrated FFN thresholds; None: next to the model
 
     @model_validator(mode="after")
     def _default_model(self) -> "EngineConfig":

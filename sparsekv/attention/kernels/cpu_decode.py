@@ -1,69 +1,25 @@
 """Compiled CPU paged decode: the whole batch's decode attention for one layer in one call.
 
-The C++ kernel (csrc/paged_decode.cpp) is built on first use with torch's JIT extension
-loader, so installing sparsekv needs no compiler; where none works, `available()` is False
-and callers keep the PyTorch path. The build is cached under a directory named after a hash
-of the source, the flags and the CPU's feature flags, with torch's CPU capability spelled out
-in the name: -march=native code is only reused on a CPU that can run it.
+The C++ kernel (csrc/paged_decode.cpp) is built on first use (jit_build); where it does not
+build, `available()` is False and callers keep the PyTorch path.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from sparsekv.attention.kernels.jit_build import build_extension
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-_FLAG_SETS = (  # tried in order: native code first, then a portable AVX2 build
-    ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
-    ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
-)
 HEAD_DIMS = (32, 64, 128)  # head dims the kernel is compiled for
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags (first core), so a cached native build is not reused elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("SPARSEKV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsekv")
-    return Path(base) / "torch_extensions"
-
-
-@functools.lru_cache(maxsize=1)
 def _extension() -> Callable | None:
-    """Build (or load the cached build of) the kernel; its op, None when no flag set compiles."""
-    from torch.utils import cpp_extension
-
-    source = _SOURCE.read_bytes()
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    for flags in _FLAG_SETS:
-        digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_flags().encode()
-                                + torch.__version__.encode()).hexdigest()[:16]
-        name = f"sparsekv_paged_decode_{capability}_{digest}"
-        build_dir = _cache_root() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        log.info("loading CPU decode kernel %s (flags %s) from %s", name, " ".join(flags), build_dir)
-        try:
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                               build_directory=str(build_dir), is_python_module=False)
-            return torch.ops.sparsekv_cpu.paged_decode
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-            log.warning("CPU decode kernel did not build with %s: %s", " ".join(flags), exc)
-    return None
+    """The kernel's op (built on first use), None when it does not build here."""
+    return torch.ops.sparsekv_cpu.paged_decode if build_extension(_SOURCE, "sparsekv_paged_decode") else None
 
 
 def available() -> bool:

@@ -78,9 +78,12 @@ def hooked(model, hook: Callable[[int, str, torch.Tensor, torch.Tensor], None]) 
 
 
 def run_texts(llm, texts: list[str], max_tokens: int) -> int:
-    """Prefill each text as a prompt (the hooks see its rows); the number of tokens run."""
+    """Prefill each text as a prompt (the hooks see its rows); the number of tokens run. The
+    engine must not cache prefixes: a cached prefix's rows would not run again."""
     from sparsekv import SamplingParams
 
+    if llm.engine.config.enable_prefix_caching:
+        raise ValueError("calibration runs need an engine without prefix caching (enable_prefix_caching=False)")
     prompts = [llm.tokenizer(t).input_ids[:max_tokens] for t in texts]
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
     return sum(len(p) for p in prompts)

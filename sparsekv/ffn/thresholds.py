@@ -46,8 +46,14 @@ class FFNThresholds:
                                   f"thresholds file; run `sparsekv calibrate --method {table} --model ...`")
 
     def to_json(self) -> dict:
+        """Values rounded to 6 significant digits (far finer than the histograms' bins)."""
+        def r(v: list[float]) -> list[float]:
+            return [float(f"{x:.6g}") for x in v]
+
+        tables = {t: [{s: r(q) for s, q in layer.items()} for layer in layers] for t, layers in self.tables.items()}
+        channels = {c: [r(v) for v in layers] for c, layers in self.channels.items()}
         return {"format": FORMAT, "version": VERSION, "model": self.model, "num_layers": self.num_layers,
-                "levels": list(self.levels), "tables": self.tables, "channels": self.channels}
+                "levels": list(self.levels), "tables": tables, "channels": channels}
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,8 @@ def run_ffn(args: argparse.Namespace) -> int:
     from sparsekv.ffn.thresholds import FFNThresholds, ThresholdsError
 
     texts = read_texts(args.data) if args.data else default_texts()[0]
-    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False)
+    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False,
+              max_model_len=args.sample_tokens + 8, kv_cache_memory=1 << 28)
     th = calibrate(llm, args.method, texts, args.sample_tokens)
     out = Path(args.output)
     if out.exists():

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="delta | teal | wina | chess")
     p.add_argument("--data", default=None, help="FFN methods: calibration text (.txt: paragraphs split by blank "
                    "lines; .jsonl: a 'text' per line); default: the bundled set")
-    p.add_argument("--samples", type=int, default=8, help="sample texts to average over")
+    p.add_argument("--samples", type=int, default=8, help="sample texts to average over (delta; teal --greedy)")
+    p.add_argument("--greedy", action="store_true", help="teal: also the greedy per-layer allocation")
     p.add_argument("--sample-tokens", type=int, default=512, help="tokens per sample text")
     p.add_argument("--num-delta-layers", type=int, default=None,
                    help="Δ-layers to propose (default: about one per 8 layers, at least 1)")
@@ -104,6 +105,12 @@ def run_ffn(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False,
               max_model_len=args.sample_tokens + 8, kv_cache_memory=1 << 28)
     th = calibrate(llm, args.method, texts, args.sample_tokens)
+    if args.greedy:
+        if args.method != "teal":
+            raise ValueError("--greedy is TEAL's allocation: use it with --method teal")
+        from sparsekv.ffn.greedy import greedy_table
+
+        th.tables["teal_greedy"] = greedy_table(llm, texts[:args.samples], th, args.sample_tokens)
     out = Path(args.output)
     if out.exists():
         try:

@@ -57,6 +57,7 @@ class FFNSection(BaseModel):
     mask_by: Literal["topk", "threshold"] = "topk"  # WINA: per-token top-k (its script) or calibrated
     colnorm_sites: tuple[Literal["qkv", "o", "gate_up", "down"], ...] = ("qkv", "o", "gate_up", "down")  # WINA
     mode: Literal["cats", "chess_wo", "chess_w"] = "chess_w"  # CHESS: scalar / channel-wise, attention too
+    allocation: Literal["uniform", "greedy"] = "uniform"  # TEAL: one sparsity everywhere, or calibrated per site
 
 
 class SparsityConfig(BaseModel):

@@ -215,3 +215,23 @@ def test_thresholds_next_to_the_model_are_found(tiny_llama4, calibrated):
         assert llm.engine.runner.ffn.thresholds.num_layers == 4
     finally:
         target.unlink()
+
+
+@pytest.mark.slow  # about 15 s: 18 rounds of 4 candidates
+def test_teal_greedy_allocation(tiny_llama4, tmp_path, llm):
+    out = tmp_path / "greedy.json"
+    parser = argparse.ArgumentParser()
+    calibrate.add_arguments(parser)
+    args = parser.parse_args(["--model", tiny_llama4, "--method", "teal", "--greedy", "--samples", "3",
+                              "--output", str(out), "--sample-tokens", "32"])
+    assert calibrate.run(args) == 0
+    th = FFNThresholds.load(out, 4)
+    sizes = {s: lin.weight.numel() for s, lin in llm.engine.runner.ffn.linears(0).items()}
+    for layer in th.tables["teal_greedy"]:  # non-decreasing per site (checked on load); effective near the level
+        for j, level in enumerate(th.levels):
+            if level <= 0.9:
+                eff = sum(sizes[s] * layer[s][j] for s in sizes) / sum(sizes.values())
+                assert abs(eff - level) <= 0.05 / 2 + 1e-6
+    greedy = LLM(tiny_llama4, dtype="float32", device="cpu", ffn_thresholds=str(out))
+    uniform, chosen = (_logits(greedy, _ffn("teal", 0.5, allocation=a)) for a in ("uniform", "greedy"))
+    assert torch.isfinite(chosen).all() and not torch.equal(uniform, chosen)

@@ -32,6 +32,13 @@ class SparseFFNState:
     def full(self, value: float, n: int) -> torch.Tensor:
         return torch.full((n,), float(value), dtype=torch.float32, device=self.device)
 
+    def install(self, backend, spec, rules: list | None) -> None:
+        """Rules chosen from outside for one config (greedy calibration's trials); None: forget them."""
+        if rules is None:
+            self._rules.pop((backend.name, spec), None)
+        else:
+            self._rules[(backend.name, spec)] = rules
+
     def rules(self, backend, spec) -> list:
         key = (backend.name, spec)
         if key not in self._rules:

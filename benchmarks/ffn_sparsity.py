@@ -9,7 +9,7 @@ Quality: every position of each held-out text sparsified (prefill_sparsify_fract
 same masks as decode), perplexity of the next token and top-1 agreement with dense.
 Writes results/ffn_sparsity.json and .png.
 
-    python benchmarks/ffn_sparsity.py [--model M] [--methods teal,wina,chess] [--sparsities 0,0.4,0.5]
+    python benchmarks/ffn_sparsity.py [--model M] [--methods teal,teal_greedy,wina,chess] [--sparsities 0,0.4,0.5]
         [--batch-sizes 1,8] [--repeats 100] [--output-len 64] [--ppl-texts 0] [--threads N]
 """
 from __future__ import annotations
@@ -84,6 +84,12 @@ def read_fraction(fn, dense_elements: int) -> float:
     return round(counter[0] / dense_elements, 4)
 
 
+def ffn(name: str, sparsity: float, **extra) -> dict:
+    """The `ffn` section for a method name; teal_greedy is TEAL with the greedy allocation."""
+    method, _, alloc = name.partition("_")
+    return {"method": method, "sparsity": sparsity, **({"allocation": alloc} if alloc else {}), **extra}
+
+
 def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict]:
     from sparsekv.config import FFNSection
     from sparsekv.ffn import FFN_BACKENDS
@@ -100,8 +106,9 @@ def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict
         x = {k: v[-b:].contiguous() for k, v in inputs.items()}
         for method in methods:
             for s in sparsities:
-                backend = FFN_BACKENDS[method if s > 0 else "none"]
-                plan = SparsePlan(None, state.rules(backend, FFNSection(method=method, sparsity=s)), None) if s > 0 else None
+                spec = FFNSection(**ffn(method, s))
+                backend = FFN_BACKENDS[spec.method if s > 0 else "none"]
+                plan = SparsePlan(None, state.rules(backend, spec), None) if s > 0 else None
 
                 def mlp():
                     for i in range(n):
@@ -137,7 +144,7 @@ def e2e_rows(llm, prompt, methods, sparsities, batches, output_len) -> list[dict
         llm.generate([prompt] * b, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         for method in methods:
             for s in sparsities:
-                sp = {"ffn": {"method": method, "sparsity": s}}
+                sp = {"ffn": ffn(method, s)}
                 outs = llm.generate([prompt] * b, params, sparsity=sp, use_tqdm=False)
                 decode_s = max(o.metrics.decode_seconds for o in outs)
                 tokens = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
@@ -170,7 +177,7 @@ def quality_rows(llm, texts, methods, sparsities) -> list[dict]:
     rows = []
     for method in methods:
         for s in sparsities:
-            sp = {"ffn": {"method": method, "sparsity": s, "prefill_sparsify_fraction": 1.0}}
+            sp = {"ffn": ffn(method, s, prefill_sparsify_fraction=1.0)}
             nll, agree, count = 0.0, 0, 0
             for ids, ref in zip(prompts, dense):
                 logits = position_logits(llm, ids, sp)
@@ -217,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--ffn-thresholds", default=None)
-    ap.add_argument("--methods", default="teal,wina,chess")
+    ap.add_argument("--methods", default="teal,teal_greedy,wina,chess")
     ap.add_argument("--sparsities", default="0,0.4,0.5")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=100, help="timed passes over all layers per kernel cell")

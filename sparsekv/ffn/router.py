@@ -20,14 +20,19 @@ def route_key(spec: FFNSection, phase: str) -> FFNSection | None:
 
 
 def build_ffn_routes(meta: AttnMetadata, phases: list[str], specs: list[FFNSection], state) -> list[Route]:
+    """Contiguous runs of requests with one (phase, config); dense rows of either phase share one."""
+    def key(i: int) -> tuple:
+        spec = route_key(specs[i], phases[i])
+        return ("mixed" if spec is None else phases[i], spec)
+
     routes, i = [], 0
     while i < meta.num_reqs:
-        key = (phases[i], route_key(specs[i], phases[i]))
+        k = key(i)
         j = i + 1
-        while j < meta.num_reqs and (phases[j], route_key(specs[j], phases[j])) == key:
+        while j < meta.num_reqs and key(j) == k:
             j += 1
-        group = meta.group(key[0], i, j)
-        backend = FFN_BACKENDS["none" if key[1] is None else key[1].method]
-        routes.append(Route(backend, backend.plan(group, key[1], state), group.token_start, group.token_end))
+        group = meta.group(k[0], i, j)
+        backend = FFN_BACKENDS["none" if k[1] is None else k[1].method]
+        routes.append(Route(backend, backend.plan(group, k[1], state), group.token_start, group.token_end))
         i = j
     return routes

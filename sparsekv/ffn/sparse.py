@@ -82,8 +82,6 @@ def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Te
 class ActivationSparseFFN(FFNBackend):
     """Input sparsity on the four sites; subclasses say which rule each site gets."""
 
-    sites: tuple[str, ...] = SITES
-
     def check(self, spec, state) -> None:
         """Raise ValueError when this model cannot run `spec` (e.g. no calibrated thresholds)."""
 

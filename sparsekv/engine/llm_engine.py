@@ -49,7 +49,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.config, max_len)
         self.runner.check_sparsity(self.config.sparsity)
         self.vocab_size = self.runner.model.args.vocab_size
-        self.block_manager = BlockManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
+        # a compressed pool's pages are leased per request (cache/compressed.py): no prefix sharing
+        prefix = config.enable_prefix_caching and self.runner.layout is None
+        self.block_manager = BlockManager(self.runner.num_pages, config.block_size, prefix)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    on_release=self.runner.release)
         self.requests: dict[str, list[Sequence]] = {}

@@ -9,8 +9,9 @@ from sparsekv.attention.backend import AttnShape, BackendParams, backend_class, 
 from sparsekv.attention.context import ForwardContext, forward_context
 from sparsekv.attention.metadata import AttnMetadata, RequestInput
 from sparsekv.attention.router import LayerRoute, build_routes
+from sparsekv.cache.compressed import CompressedKVCache, MustafarLayout
 from sparsekv.cache.kv_cache import KVCache, WriteIndex
-from sparsekv.config import EngineConfig, SparsityConfig
+from sparsekv.config import EngineConfig, KVSection, SparsityConfig
 from sparsekv.engine.loader import load_model
 from sparsekv.engine.sequence import Sequence
 from sparsekv.ffn import FFN_BACKENDS
@@ -21,6 +22,7 @@ from sparsekv.ffn.thresholds import find_thresholds
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DENSE = ("dense", BackendParams())
+MUSTAFAR = ("mustafar", BackendParams())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,13 +73,21 @@ class ModelRunner:
         per_page = KVCache.bytes_per_page(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim, self.dtype, specs)
         need = max_model_len * max(1, config.max_num_seqs) // self.page_size + config.max_num_seqs + 1
         budget = config.kv_cache_memory or self._default_kv_bytes(config)
+        self.layout, staging = self._mustafar_layout(config)
+        if self.layout is not None:  # staging rows first, then compressed pages from what is left
+            budget -= staging * per_page
+            per_page = self.layout.page_bytes(a.num_layers, self.page_size, a.num_kv_heads, self.dtype.itemsize)
         self.num_pages = min(max(budget // per_page, 1), need)
         if self.num_pages * self.page_size < max_model_len:
             raise ValueError(f"the KV cache ({self.num_pages} pages of {self.page_size} tokens) cannot hold one "
                              f"sequence of max_model_len={max_model_len}; raise --kv-cache-memory or lower "
                              f"--max-model-len")
-        self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
-                                self.dtype, self.device, specs)
+        if self.layout is not None:
+            self.kv_cache = CompressedKVCache(a.num_layers, self.num_pages, staging, self.page_size, a.num_kv_heads,
+                                              a.head_dim, self.dtype, self.device, self.layout)
+        else:
+            self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
+                                    self.dtype, self.device, specs)
         self.ffn = SparseFFNState(self.model, find_thresholds(config.model, config.ffn_thresholds, a.num_layers),
                                   self.device)
         log.info("model %s on %s (%s); KV pool %d pages x %d tokens (%.1f MiB)", config.model, self.device,
@@ -91,6 +101,18 @@ class ModelRunner:
             for s in backend_class(spec.method, self.device.type).kv_spec:
                 specs[s.name] = s
         return tuple(specs.values())
+
+    def _kv_layout(self, kv: KVSection) -> MustafarLayout | None:
+        """The compressed layout kv.prune = "mustafar" asks for; None: a dense pool."""
+        keep = kv.mustafar_keep(self.model.args.head_dim)
+        return None if keep is None else MustafarLayout(*keep, kv.local_window, kv.compress_chunk)
+
+    def _mustafar_layout(self, config: EngineConfig) -> tuple[MustafarLayout | None, int]:
+        """The server's compressed layout (None: dense) and the staging rows it needs."""
+        layout = self._kv_layout(config.sparsity.kv)
+        if layout is None:
+            return None, 0
+        return layout, layout.staging_rows(config.max_num_seqs, config.max_num_batched_tokens, self.page_size)
 
     def _default_kv_bytes(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
@@ -110,7 +132,9 @@ class ModelRunner:
             return hit[1]
         spec = sp.prefill if phase == "prefill" else sp.decode
         n = self.model.args.num_layers
-        if spec.method == "dense" or dense:
+        if self.layout is not None:  # the pool is compressed in every layer
+            routes = [MUSTAFAR] * n
+        elif spec.method == "dense" or dense:
             routes = [DENSE] * n
         else:
             chosen = (spec.method, spec.params(phase))
@@ -123,6 +147,9 @@ class ModelRunner:
     def check_sparsity(self, sp: SparsityConfig) -> None:
         """Raise ValueError for a config that does not fit this model or device."""
         n = self.shape.num_layers
+        if self._kv_layout(sp.kv) != self.layout:
+            raise ValueError("kv.prune and its parameters set the KV-cache format, a server setting: a request "
+                             "cannot change them")
         bad = [x for x in sp.dense_layers if not 0 <= x < n]
         if bad:
             raise ValueError(f"dense_layers {bad} are not layers of this {n}-layer model")
@@ -149,6 +176,7 @@ class ModelRunner:
             return
         for backend in live_backends():
             backend.free([seq.slot])
+        self.kv_cache.release(seq.slot)
         self._free_slots.append(seq.slot)
         seq.slot = None
 
@@ -191,6 +219,7 @@ class ModelRunner:
             for spec in backend.kv_spec:
                 self.kv_cache.ensure(spec)
         write_index = WriteIndex.from_slots(meta.slot_mapping, self.page_size)
+        self.kv_cache.plan_step(meta)
         self.kv_cache.begin_step(write_index)
         ffn = build_ffn_routes(meta, phases, [batch[i][0].sparsity.ffn for i in order], self.ffn)
         ctx = ForwardContext(meta, self.kv_cache, write_index, attn_routes, [ffn] * self.shape.num_layers)

@@ -12,6 +12,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from sparsekv.attention.context import get_forward_context, run_routes
+from sparsekv.attention.kernels.cpu_ops import silu_mul
 from sparsekv.attention.metadata import BatchGroup
 
 
@@ -39,8 +40,7 @@ class DenseFFN(FFNBackend):
     name = "none"
 
     def forward(self, x: torch.Tensor, mlp: GatedMLP, layer: int, plan: BatchGroup) -> torch.Tensor:
-        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-        return mlp.down_proj(torch.nn.functional.silu(gate) * up)
+        return mlp.down_proj(silu_mul(mlp.gate_up_proj(x)))
 
 
 FFN_BACKENDS: dict[str, FFNBackend] = {"none": DenseFFN()}

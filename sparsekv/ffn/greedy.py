@@ -25,18 +25,20 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def replay(model, stored: list[list[torch.Tensor]] | None, outputs: list[list[torch.Tensor]]):
-    """Layer outputs per call into `outputs`; with `stored`, each layer's input replaced by its stored one."""
+def replay(model, stored: list[list[tuple]] | None, inputs: list[list[tuple]], outputs: list[list[torch.Tensor]]):
+    """Each layer's (x, residual) inputs per call into `inputs` and its output hidden state (the
+    two summed, as the next norm does) into `outputs`; with `stored`, the inputs are replaced by
+    the stored ones (copies: the layer's norm adds into the residual in place)."""
     handles, calls = [], [0] * len(model.model.layers)
     for i, block in enumerate(model.model.layers):
         def pre(m, args, i=i):
             if stored is None:
-                outputs[i].append(args[0].detach().clone())
+                inputs[i].append(tuple(None if a is None else a.detach().clone() for a in args[:2]))
                 return None
-            return (stored[i][calls[i]], *args[1:])
+            return (*(None if a is None else a.clone() for a in stored[i][calls[i]]), *args[2:])
 
         def post(m, args, out, i=i):
-            outputs[i].append(out.detach().clone())
+            outputs[i].append((out[0] + out[1]).detach())
             calls[i] += 1
 
         handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
@@ -61,16 +63,14 @@ def greedy_table(llm, texts: list[str], th: FFNThresholds, max_tokens: int, step
     prompts = [llm.tokenizer(t).input_ids[:max_tokens] for t in texts]
     params = SamplingParams(max_tokens=1)
 
-    def run(sparsity: dict | None, stored) -> list[list[torch.Tensor]]:
-        io: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        with replay(model, stored, io), torch.inference_mode():
+    def run(sparsity: dict | None, stored) -> tuple[list, list]:
+        ins, outs = [[] for _ in range(n)], [[] for _ in range(n)]
+        with replay(model, stored, ins, outs), torch.inference_mode():
             for p in prompts:  # one prompt per step: each call's rows are one text's positions
                 llm.generate([p], params, sparsity=sparsity, use_tqdm=False)
-        return io
+        return ins, outs
 
-    dense_io = run(None, None)  # inputs then outputs per call, interleaved
-    stored = [layer[0::2] for layer in dense_io]
-    dense_out = [layer[1::2] for layer in dense_io]
+    stored, dense_out = run(None, None)
     alloc = [{s: 0.0 for s in SITES} for _ in range(n)]
     path = [[(0.0, dict(a))] for a in alloc]
     spec = FFNSection(method="teal", sparsity=0.5, prefill_sparsify_fraction=1.0)
@@ -81,7 +81,7 @@ def greedy_table(llm, texts: list[str], th: FFNThresholds, max_tokens: int, step
             trial = [{**a, site: min(a[site] + bump, th.levels[-1])} for a in alloc]
             state.install(backend, spec, [{s: Rule(state.full(th.threshold("teal", i, s, t[s]), lin.in_features))
                                           for s, lin in state.linears(i).items()} for i, t in enumerate(trial)])
-            outs = run({"ffn": spec.model_dump()}, stored)
+            outs = run({"ffn": spec.model_dump()}, stored)[1]
             errors.append([sum(float((o - d)[-max(1, int(len(o) * error_last_fraction)):].norm(dim=-1).mean())
                                for o, d in zip(outs[i], dense_out[i])) for i in range(n)])
         for i, a in enumerate(alloc):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekv.attention.kernels.cpu_ops import silu_mul
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.ffn import kernels
 from sparsekv.ffn.backend import FFNBackend, GatedMLP
@@ -98,5 +99,5 @@ class ActivationSparseFFN(FFNBackend):
         return linear(x) if rule is None else sparse_linear(x, rule, linear, plan.rows)
 
     def forward(self, x: torch.Tensor, mlp: GatedMLP, layer: int, plan: SparsePlan) -> torch.Tensor:
-        gate, up = self.linear(x, mlp.gate_up_proj, layer, "gate_up", plan).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, mlp.down_proj, layer, "down", plan)
+        h = silu_mul(self.linear(x, mlp.gate_up_proj, layer, "gate_up", plan))
+        return self.linear(h, mlp.down_proj, layer, "down", plan)

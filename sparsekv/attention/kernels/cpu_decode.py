@@ -1,30 +1,14 @@
-"""Compiled CPU paged decode: the whole batch's decode attention for one layer in one call.
-
-The C++ kernel (csrc/paged_decode.cpp) is built on first use (jit_build); where it does not
-build, `available()` is False and callers keep the PyTorch path.
-"""
+"""Compiled CPU paged decode: the whole batch's decode attention for one layer in one call
+(csrc/paged_decode.cpp, built by cpu_build)."""
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Callable
 
 import torch
 
-from sparsekv.attention.kernels.jit_build import build_extension
+from sparsekv.attention.kernels.cpu_build import available, ops
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+__all__ = ["available", "supports", "paged_decode_cpu"]
 HEAD_DIMS = (32, 64, 128)  # head dims the kernel is compiled for
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _extension() -> Callable | None:
-    """The kernel's op (built on first use), None when it does not build here."""
-    return torch.ops.sparsekv_cpu.paged_decode if build_extension(_SOURCE, "sparsekv_paged_decode") else None
-
-
-def available() -> bool:
-    """True when the compiled kernel is usable here (builds it on the first call)."""
-    return _extension() is not None
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -44,8 +28,8 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
     head to its listed pages. With return_lse also the float32 [B, Hq] log-sum-exp of the
     scaled logits (-inf for a sequence with nothing to read, whose output is zero).
     """
-    op = _extension()
-    if op is None:
+    lib = ops()
+    if lib is None:
         raise RuntimeError("the CPU decode kernel is not built here; check available() first")
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -55,5 +39,5 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
     seq_lens = seq_lens.to(torch.int32).contiguous()
     if page_lists is not None:
         page_lists = page_lists.to(torch.int32)
-    out, lse = op(q, k, v, block_table, seq_lens, page_lists, float(scale), return_lse)
+    out, lse = lib.paged_decode(q, k, v, block_table, seq_lens, page_lists, float(scale), return_lse)
     return (out, lse) if return_lse else out

@@ -124,9 +124,3 @@ def rope_cos_sin(args: "ModelArgs", inv_freq: torch.Tensor, positions: torch.Ten
     scale = rope_attention_scaling(args)
     return freqs.cos() * scale, freqs.sin() * scale
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, D/2]; the half-split rotation of the HF checkpoints."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)

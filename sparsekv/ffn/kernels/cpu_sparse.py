@@ -1,17 +1,10 @@
-"""Compiled CPU input-sparse products (csrc/sparse_rows.cpp), built on first use (jit_build)."""
+"""Compiled CPU input-sparse products (csrc/sparse_rows.cpp), part of the one CPU kernel library
+built on first use (attention/kernels/cpu_build.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
-from sparsekv.attention.kernels.jit_build import build_extension
-
-_SOURCE = Path(__file__).parent / "csrc" / "sparse_rows.cpp"
-
-
-def available() -> bool:
-    return build_extension(_SOURCE, "sparsekv_ffn_sparse")
+from sparsekv.attention.kernels.cpu_build import available, ops
 
 
 def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -19,8 +12,8 @@ def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def sparse_matvec_cpu(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    return torch.ops.sparsekv_ffn_cpu.sparse_matvec(x.contiguous(), scale, thr, wt)
+    return ops().ffn_sparse_matvec(x.contiguous(), scale, thr, wt)
 
 
 def gather_dot_cpu(x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.ops.sparsekv_ffn_cpu.gather_dot(x.contiguous(), m, idx)
+    return ops().ffn_gather_dot(x.contiguous(), m, idx)

@@ -4,8 +4,10 @@
 // item runs an online softmax over its pages and writes an unnormalised partial output with
 // its max and sum; a merge pass combines the splits. Threads pull items from an atomic
 // counter, so sequences of unequal length still balance. The GQA group's G query heads
-// share every key/value row load. Inner loops run over the head dim D, a template
-// parameter, so gcc vectorises them at -O3 -ffast-math; bf16 rows widen to fp32 on load.
+// share every page while it sits in L1; scores are computed 16 keys at a time into one vector
+// (a lane-sum tree instead of a horizontal sum per key) and the weighted values accumulate in
+// registers, in 16-float vectors that are AVX-512 registers or pairs of AVX2 ones. bf16 pages
+// widen to fp32 once per page.
 // A torch op (torch.ops.sparsekv_cpu.paged_decode) with light ATen headers: the JIT build
 // takes seconds, where torch/extension.h alone costs half a minute.
 #include <ATen/Parallel.h>
@@ -52,14 +54,58 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-// A row of D values as fp32: in place for fp32, widened into `buf` otherwise.
+// 16 floats: AVX-512 registers where the CPU has them, pairs of AVX2 registers otherwise.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  // for loads from any row
+constexpr int kLanes = 16;
+
+inline v16 load16(const float* src) { return *reinterpret_cast<const v16u*>(src); }
+
+// Lane sums of 16 vectors as one vector (out[t] = sum of x[t]'s lanes): a shuffle tree that
+// halves the lanes of each pair per level, 15 adds for 16 dot products where 16 horizontal
+// sums would take 64 operations.
+inline v16 lane_sums(const v16* x) {
+  v16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// A page's n rows of D values as fp32 with row stride `stride`: in place for fp32, widened
+// into `buf` (stride D) otherwise.
 template <typename T, int D>
-inline const float* row_f32(const T* src, float* buf) {
+inline const float* page_f32(const T* src, int64_t stride, int n, float* buf, int64_t& out_stride) {
   if constexpr (std::is_same_v<T, float>) {
+    out_stride = stride;
     return src;
   } else {
-    for (int d = 0; d < D; ++d) buf[d] = widen(src[d]);
+    for (int t = 0; t < n; ++t) {
+      for (int d = 0; d < D; ++d) buf[t * D + d] = widen(src[t * stride + d]);
+    }
+    out_stride = D;
     return buf;
+  }
+}
+
+// Requests the page kPrefetchPages ahead while this one is computed: memory stays busy
+// during the arithmetic, also where a fragmented block table defeats the hardware prefetcher.
+template <typename T, int D>
+inline void prefetch_page(const T* page, int64_t stride, int n) {
+  if (!page) return;
+  for (int t = 0; t < n; ++t) {
+    const char* c = reinterpret_cast<const char*>(page + t * stride);
+    for (int off = 0; off < D * static_cast<int>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
   }
 }
 
@@ -91,24 +137,19 @@ inline int64_t find_page(const Params<T>& p, const Item& it, int i, int64_t len,
   return phys >= 0 && phys < p.num_pages ? phys : kBadPage;
 }
 
-// Row t of a page kPrefetchPages ahead is requested beside row t of this one: memory stays busy
-// during the arithmetic, also where a fragmented block table defeats the hardware prefetcher.
-template <typename T, int D>
-inline void prefetch_row(const T* row) {
-  if (!row) return;
-  const char* c = reinterpret_cast<const char*>(row);
-  for (int off = 0; off < D * static_cast<int>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
-}
-
-// Online softmax of one item's pages; acc [G, D] unnormalised, m/l [G] max and sum.
+// Online softmax of one item's pages; acc [G, D] unnormalised, m/l [G] max and sum. Per page
+// and query head, scores of 16 rows at a time (q in registers, one lane-sum tree), then the
+// weighted V rows into register accumulators: the page stays in L1 across the G heads.
 template <typename T, int D>
 bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float* __restrict__ m,
               float* __restrict__ l) {
+  constexpr int V = D / kLanes;
   const int G = p.G;
   const int64_t len = p.lens[it.b];
   alignas(64) float qf[kMaxG * D];
-  alignas(64) float kbuf[D], vbuf[D];
-  alignas(64) float s[kMaxG * kMaxPageSize];
+  alignas(64) float s[kMaxPageSize + kLanes];
+  alignas(64) float kbuf[std::is_same_v<T, float> ? 1 : kMaxPageSize * D];
+  alignas(64) float vbuf[std::is_same_v<T, float> ? 1 : kMaxPageSize * D];
   for (int g = 0; g < G; ++g) {
     const T* qr = p.q + it.b * p.sq_b + (it.h * G + g) * p.sq_h;
     for (int d = 0; d < D; ++d) qf[g * D + d] = widen(qr[d]) * p.scale;
@@ -123,44 +164,46 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
     if (phys == kBadPage) ok = false;
     if (phys < 0) continue;
     const int64_t ahead = i + kPrefetchPages < it.hi ? find_page(p, it, i + kPrefetchPages, len, n_ahead) : kSkipPage;
-    const T* kpf = ahead >= 0 ? p.k + ahead * p.sk_p + it.h * p.sk_h : nullptr;
-    const T* vpf = ahead >= 0 ? p.v + ahead * p.sv_p + it.h * p.sv_h : nullptr;
-    const T* kp = p.k + phys * p.sk_p + it.h * p.sk_h;
-    const T* vp = p.v + phys * p.sv_p + it.h * p.sv_h;
-    for (int t = 0; t < n; ++t) {
-      prefetch_row<T, D>(t < n_ahead ? kpf + t * p.sk_t : nullptr);
-      const float* __restrict__ kr = row_f32<T, D>(kp + t * p.sk_t, kbuf);
-      for (int g = 0; g < G; ++g) {
-        const float* __restrict__ qg = qf + g * D;
-        float a = 0.f;
-        for (int d = 0; d < D; ++d) a += qg[d] * kr[d];
-        s[g * kMaxPageSize + t] = a;
-      }
+    if (ahead >= 0) {
+      prefetch_page<T, D>(p.k + ahead * p.sk_p + it.h * p.sk_h, p.sk_t, n_ahead);
+      prefetch_page<T, D>(p.v + ahead * p.sv_p + it.h * p.sv_h, p.sv_t, n_ahead);
     }
+    int64_t ks, vs;
+    const float* kp = page_f32<T, D>(p.k + phys * p.sk_p + it.h * p.sk_h, p.sk_t, n, kbuf, ks);
+    const float* vp = page_f32<T, D>(p.v + phys * p.sv_p + it.h * p.sv_h, p.sv_t, n, vbuf, vs);
     for (int g = 0; g < G; ++g) {
-      float* sg = s + g * kMaxPageSize;
+      v16 qv[V];
+      for (int c = 0; c < V; ++c) qv[c] = load16(qf + g * D + c * kLanes);
+      for (int t0 = 0; t0 < n; t0 += kLanes) {
+        v16 part[kLanes];
+        const int rows = std::min(kLanes, n - t0);
+        for (int t = 0; t < kLanes; ++t) {
+          v16 a = {};
+          if (t < rows) {
+            const float* kr = kp + (t0 + t) * ks;
+            for (int c = 0; c < V; ++c) a += qv[c] * load16(kr + c * kLanes);
+          }
+          part[t] = a;
+        }
+        *reinterpret_cast<v16u*>(s + t0) = lane_sums(part);
+      }
       float mx = m[g];
-      for (int t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+      for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
       const float alpha = exp_neg(m[g] - mx);
       float sum = 0.f;
       for (int t = 0; t < n; ++t) {
-        sg[t] = exp_neg(sg[t] - mx);
-        sum += sg[t];
+        s[t] = exp_neg(s[t] - mx);
+        sum += s[t];
       }
       l[g] = l[g] * alpha + sum;
       m[g] = mx;
-      if (alpha != 1.f) {
-        for (int d = 0; d < D; ++d) acc[g * D + d] *= alpha;
+      v16 o[V];
+      for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha;
+      for (int t = 0; t < n; ++t) {
+        const float* vr = vp + t * vs;
+        for (int c = 0; c < V; ++c) o[c] += s[t] * load16(vr + c * kLanes);
       }
-    }
-    for (int t = 0; t < n; ++t) {
-      prefetch_row<T, D>(t < n_ahead ? vpf + t * p.sv_t : nullptr);
-      const float* __restrict__ vr = row_f32<T, D>(vp + t * p.sv_t, vbuf);
-      for (int g = 0; g < G; ++g) {
-        const float w = s[g * kMaxPageSize + t];
-        float* __restrict__ ag = acc + g * D;
-        for (int d = 0; d < D; ++d) ag[d] += w * vr[d];
-      }
+      for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[c];
     }
   }
   return ok;

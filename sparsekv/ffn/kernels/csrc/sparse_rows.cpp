@@ -7,7 +7,7 @@
 // Each thread owns a contiguous range of output columns and streams the active rows over it,
 // accumulating into the output rows (in L1/L2), so weight reads are sequential within a row.
 // gather_dot: out[b, j] = x[b] · M[idx[j]] (output-sparse: only the listed rows of M [K, N]).
-// Light ATen headers, as in paged_decode.cpp: the JIT build takes seconds.
+// Built into the one CPU kernel library (attention/kernels/cpu_build.py), with light ATen headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -111,7 +111,7 @@ at::Tensor gather_dot(const at::Tensor& x, const at::Tensor& m, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY(sparsekv_ffn_cpu, m) {
-  m.def("sparse_matvec(Tensor x, Tensor? scale, Tensor thr, Tensor wt) -> Tensor", &sparse_matvec);
-  m.def("gather_dot(Tensor x, Tensor m, Tensor idx) -> Tensor", &gather_dot);
+TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
+  m.def("ffn_sparse_matvec(Tensor x, Tensor? scale, Tensor thr, Tensor wt) -> Tensor", &sparse_matvec);
+  m.def("ffn_gather_dot(Tensor x, Tensor m, Tensor idx) -> Tensor", &gather_dot);
 }

@@ -5,6 +5,11 @@ similarity of a token's hidden state before and after the layer, averaged over t
 samples): there the attention pattern is likely to drift, so the page selection is refreshed.
 Peaks are taken greedily by height, never two adjacent layers and never a dense layer.
 Writes a SparsityConfig JSON (FILE) and the shift curve beside it (FILE with .shift.json).
+
+TEAL, WINA, CHESS: activation thresholds from histograms on a calibration text (--data, or the
+bundled set), written as an FFN thresholds file (sparsekv.ffn.thresholds); an existing file at
+FILE for the same model keeps its other methods' tables. The engine reads it by
+--ffn-thresholds FILE, or when it lies next to the model.
 """
 from __future__ import annotations
 
@@ -16,18 +21,21 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LATER_METHODS = ("teal", "wina", "chess")  # FFN calibration: a later issue
+FFN_METHODS = ("teal", "wina", "chess")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--method", required=True, help="delta (teal, wina and chess are not implemented yet)")
-    p.add_argument("--samples", type=int, default=8, help="sample texts to average over")
+    p.add_argument("--method", required=True, help="delta | teal | wina | chess")
+    p.add_argument("--data", default=None, help="FFN methods: calibration text (.txt: paragraphs split by blank "
+                   "lines; .jsonl: a 'text' per line); default: the bundled set")
+    p.add_argument("--samples", type=int, default=8, help="sample texts to average over (delta; teal --greedy)")
+    p.add_argument("--greedy", action="store_true", help="teal: also the greedy per-layer allocation")
     p.add_argument("--sample-tokens", type=int, default=512, help="tokens per sample text")
     p.add_argument("--num-delta-layers", type=int, default=None,
                    help="Δ-layers to propose (default: about one per 8 layers, at least 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="SparsityConfig JSON to write")
+    p.add_argument("--output", required=True, help="SparsityConfig JSON (delta) or FFN thresholds JSON to write")
 
 
 def sample_texts(n: int, words_per_text: int, seed: int) -> list[str]:
@@ -81,12 +89,45 @@ def pick_peaks(shift: list[float], k: int, exclude: set[int]) -> list[int]:
     return sorted(chosen)
 
 
+def read_texts(path: str) -> list[str]:
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def run_ffn(args: argparse.Namespace) -> int:
+    from sparsekv import LLM
+    from sparsekv.ffn.calibrate import calibrate, default_texts
+    from sparsekv.ffn.thresholds import FFNThresholds, ThresholdsError
+
+    texts = read_texts(args.data) if args.data else default_texts()[0]
+    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False,
+              max_model_len=args.sample_tokens + 8, kv_cache_memory=1 << 28)
+    th = calibrate(llm, args.method, texts, args.sample_tokens)
+    if args.greedy:
+        if args.method != "teal":
+            raise ValueError("--greedy is TEAL's allocation: use it with --method teal")
+        from sparsekv.ffn.greedy import greedy_table
+
+        th.tables["teal_greedy"] = greedy_table(llm, texts[:args.samples], th, args.sample_tokens)
+    out = Path(args.output)
+    if out.exists():
+        try:
+            old = FFNThresholds.load(out, th.num_layers)
+            th.tables, th.channels = {**old.tables, **th.tables}, {**old.channels, **th.channels}
+        except ThresholdsError as e:
+            log.warning("replacing %s: %s", out, e)
+    th.save(out)
+    log.info("wrote %s tables %s to %s", args.method, ", ".join(th.tables), out)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.method in LATER_METHODS:
-        raise ValueError(f"calibrate --method {args.method} is not implemented yet (FFN calibration is a "
-                         "later issue); available: delta")
+    if args.method in FFN_METHODS:
+        return run_ffn(args)
     if args.method != "delta":
-        raise ValueError(f"calibrate: unknown method {args.method!r}; available: delta")
+        raise ValueError(f"calibrate: unknown method {args.method!r}; available: delta, {', '.join(FFN_METHODS)}")
     from sparsekv.attention.delta import default_delta_layers
     from sparsekv.config import SparsityConfig, default_model
     from sparsekv.engine.loader import read_config

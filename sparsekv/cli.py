@@ -48,8 +48,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-sparsity", type=float, default=None)
     s.add_argument("--kv-evict", default=None)
     s.add_argument("--kv-budget", type=int, default=None)
-    s.add_argument("--ffn-sparsity", default=None, help="FFN method")
+    s.add_argument("--ffn-sparsity", default=None, help="FFN method: none | teal | wina | chess")
     s.add_argument("--ffn-sparsity-level", type=float, default=None)
+    s.add_argument("--ffn-thresholds", default=None,
+                   help="calibrated FFN thresholds JSON (default: next to the model; see `sparsekv calibrate`)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -75,7 +77,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, hf_overrides=args.hf_overrides,
-        sparsity=sparsity.merged(override),
+        sparsity=sparsity.merged(override), ffn_thresholds=getattr(args, "ffn_thresholds", None),
         **({"served_model_name": args.served_model_name} if getattr(args, "served_model_name", None) else {}),
     )
 

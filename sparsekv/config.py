@@ -76,9 +76,18 @@ class KVSection(BaseModel):
 
 
 class FFNSection(BaseModel):
+    """Activation sparsity (none | teal | wina | chess): the fraction `sparsity` of each sparsified
+    projection's inputs is dropped. Decode only unless `prefill_sparsify_fraction` > 0 (the last
+    fraction of each prompt's positions is sparsified: TEAL's evals 0.5, WINA's 0.99)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str = "none"
-    sparsity: float = Field(0.0, ge=0.0, le=1.0)
+    sparsity: float = Field(0.0, ge=0.0, le=0.99)
+    prefill_sparsify_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    mask_by: Literal["topk", "threshold"] = "topk"  # WINA: per-token top-k (its script) or calibrated
+    colnorm_sites: tuple[Literal["qkv", "o", "gate_up", "down"], ...] = ("qkv", "o", "gate_up", "down")  # WINA
+    mode: Literal["cats", "chess_wo", "chess_w"] = "chess_w"  # CHESS: scalar / channel-wise, attention too
+    allocation: Literal["uniform", "greedy"] = "uniform"  # TEAL: one sparsity everywhere, or calibrated per site
 
 
 class SparsityConfig(BaseModel):
@@ -98,7 +107,7 @@ class SparsityConfig(BaseModel):
         self.prefill.params("prefill")
         self.decode.params("decode")
         for name, value, known in (("kv.prune", self.kv.prune, ("none", "mustafar")),
-                                   ("ffn.method", self.ffn.method, ("none",))):
+                                   ("ffn.method", self.ffn.method, ("none", "teal", "wina", "chess"))):
             if value not in known:
                 raise ValueError(f"{name} {value!r} is not available; known: {', '.join(known)}")
         self._check_mustafar()
@@ -197,6 +206,7 @@ class EngineConfig(BaseModel):
     hf_overrides: dict[str, Any] = Field(default_factory=dict,
                                          description="laid over the model's config, e.g. {\"rope_scaling\": {...}}")
     sparsity: SparsityConfig = SparsityConfig()
+    ffn_thresholds: str | None = None  # calibrated FFN thresholds; None: next to the model
 
     @model_validator(mode="after")
     def _default_model(self) -> "EngineConfig":

@@ -35,6 +35,8 @@ BAD_COMPLETIONS = {
     "xattention threshold out of range": {**OK, "sparsity": {"prefill": {"method": "xattention", "threshold": 7}}},
     "quest budget below 3 pages": {**OK, "sparsity": {"decode": {"method": "quest", "budget": 8}}},
     "delta layer past the model": {**OK, "sparsity": {"decode": {"method": "delta", "delta_layers": [99]}}},
+    "ffn sparsity out of range": {**OK, "sparsity": {"ffn": {"method": "teal", "sparsity": 1.5}}},
+    "ffn method without calibrated thresholds": {**OK, "sparsity": {"ffn": {"method": "chess", "sparsity": 0.5}}},
     "stream_options without stream": {**OK, "stream_options": {"include_usage": True}},
     "n too large": {**OK, "n": 10**6},
     "seed out of range": {**OK, "seed": 2**70},

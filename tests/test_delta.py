@@ -168,6 +168,6 @@ def test_calibrate_delta(tmp_path):
     assert all(s >= 0 for s in curve["shift"])
 
 
-def test_calibrate_rejects_later_methods(tmp_path):
-    with pytest.raises(ValueError, match="not implemented"):
-        _calibrate(tmp_path, tmp_path, "--method", "teal")
+def test_calibrate_rejects_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        _calibrate(tmp_path, tmp_path, "--method", "bogus")

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from sparsekv.attention.backend import AttnShape, BackendParams, backend_class, live_backends
-from sparsekv.attention.context import ForwardContext, Route, forward_context
+from sparsekv.attention.context import ForwardContext, forward_context
 from sparsekv.attention.metadata import AttnMetadata, RequestInput
 from sparsekv.attention.router import LayerRoute, build_routes
 from sparsekv.cache.compressed import CompressedKVCache, MustafarLayout
@@ -15,7 +15,10 @@ from sparsekv.config import EngineConfig, KVSection, SparsityConfig
 from sparsekv.engine.loader import load_model
 from sparsekv.engine.sequence import Sequence
 from sparsekv.evict.evictor import EvictEntry, Evictor
-from sparsekv.ffn.backend import FFN_BACKENDS
+from sparsekv.ffn import FFN_BACKENDS
+from sparsekv.ffn.router import build_ffn_routes
+from sparsekv.ffn.state import SparseFFNState
+from sparsekv.ffn.thresholds import find_thresholds
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,6 +90,8 @@ class ModelRunner:
             self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
                                     self.dtype, self.device, specs)
         self.evictor = Evictor(a.num_layers, a.num_kv_heads, self.shape.scale, self.device)
+        self.ffn = SparseFFNState(self.model, find_thresholds(config.model, config.ffn_thresholds, a.num_layers),
+                                  self.device)
         log.info("model %s on %s (%s); KV pool %d pages x %d tokens (%.1f MiB)", config.model, self.device,
                  self.dtype, self.num_pages, self.page_size, self.num_pages * per_page / 2**20)
 
@@ -153,6 +158,10 @@ class ModelRunner:
         for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
             backend_class(spec.method, self.device.type)
             spec.params(phase).check_model(self.shape)
+        if sp.ffn.method != "none":
+            ffn = FFN_BACKENDS[sp.ffn.method]
+            ffn.check(sp.ffn, self.ffn)
+            self.ffn.rules(ffn, sp.ffn)  # built now (Wᵀ copies, column norms), not in a step
 
     def slot(self, seq: Sequence) -> int:
         """The request slot of a running sequence (backend state is indexed by it)."""
@@ -221,7 +230,7 @@ class ModelRunner:
         write_index = WriteIndex.from_slots(meta.slot_mapping, self.page_size)
         self.kv_cache.plan_step(meta)
         self.kv_cache.begin_step(write_index)
-        ffn = [Route(FFN_BACKENDS["none"], meta.group("mixed", 0, meta.num_reqs), 0, meta.num_actual_tokens)]
+        ffn = build_ffn_routes(meta, phases, [batch[i][0].sparsity.ffn for i in order], self.ffn)
         ctx = ForwardContext(meta, self.kv_cache, write_index, attn_routes, [ffn] * self.shape.num_layers)
         self.evictor.begin_step(evicting)
         if evicting:

@@ -1,8 +1,9 @@
 """The FFN backend interface and registry, routed per request like attention.
 
 An FFN backend gets the layer's gated MLP (fused gate/up weights and the down projection)
-and the rows of its group; `plan` runs once per step. Dense is the only method until the
-activation-sparse FFN lands; the model already calls through this seam.
+and the rows of its group; `plan` runs once per step. Activation sparsity also drops inputs
+of the attention projections (q/k/v, o), so the model calls those through `routed_linear`:
+the same routes, the backend's `linear` on each one's rows.
 """
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ class FFNBackend:
     name: ClassVar[str]
     device: ClassVar[str] = "cpu"
 
-    def plan(self, group: BatchGroup) -> BatchGroup:
+    def plan(self, group: BatchGroup, spec=None, state=None):
+        """Once per step and group; spec is the group's FFNSection, state the engine's SparseFFNState."""
         return group
+
+    def linear(self, x: torch.Tensor, linear: torch.nn.Linear, layer: int, site: str, plan) -> torch.Tensor:
+        return linear(x)
 
     def forward(self, x: torch.Tensor, mlp: GatedMLP, layer: int, plan: BatchGroup) -> torch.Tensor:
         raise NotImplementedError
@@ -45,3 +50,9 @@ def routed_ffn(mlp: GatedMLP, x: torch.Tensor, layer: int) -> torch.Tensor:
     """The FFN seam a model layer calls: each route's backend on its rows."""
     routes = get_forward_context().ffn_routes[layer]
     return run_routes(routes, x, lambda r, rows: r.backend.forward(rows, mlp, layer, r.plan))
+
+
+def routed_linear(linear: torch.nn.Linear, x: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+    """An attention projection through the FFN routes (site: "qkv" or "o"), for input sparsity."""
+    routes = get_forward_context().ffn_routes[layer]
+    return run_routes(routes, x, lambda r, rows: r.backend.linear(rows, linear, layer, site, r.plan))

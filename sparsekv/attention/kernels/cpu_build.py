@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # the FFN's kernels join the one library
+                + sorted((Path(__file__).parents[2] / "ffn" / "kernels" / "csrc").glob("*.cpp")))
 _FLAG_SETS = (  # tried in order: native code first, then a portable AVX2 build
     ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
     ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],

@@ -14,7 +14,7 @@ from torch import nn
 from sparsekv.attention.context import Attention, get_forward_context
 from sparsekv.attention.kernels.cpu_ops import rms_norm, rope_
 from sparsekv.engine.models.rope import rope_cos_sin, rope_inv_freq
-from sparsekv.ffn.backend import routed_ffn
+from sparsekv.ffn.backend import routed_ffn, routed_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -80,16 +80,18 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.d, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
+        self.layer = layer
         self.attn = Attention(layer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        qkv = routed_linear(self.qkv_proj, x, self.layer, "qkv")
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         rope_(q, cos, sin), rope_(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v).reshape(t, self.h * self.d))
+        return routed_linear(self.o_proj, self.attn(q, k, v).reshape(t, self.h * self.d), self.layer, "o")
 
 
 class MLP(nn.Module):

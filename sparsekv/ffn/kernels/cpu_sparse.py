@@ -1,0 +1,19 @@
+"""Compiled CPU input-sparse products (csrc/sparse_rows.cpp), part of the one CPU kernel library
+built on first use (attention/kernels/cpu_build.py)."""
+from __future__ import annotations
+
+import torch
+
+from sparsekv.attention.kernels.cpu_build import available, ops
+
+
+def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and available()
+
+
+def sparse_matvec_cpu(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    return ops().ffn_sparse_matvec(x.contiguous(), scale, thr, wt)
+
+
+def gather_dot_cpu(x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return ops().ffn_gather_dot(x.contiguous(), m, idx)

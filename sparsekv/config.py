@@ -151,6 +151,16 @@ class SparsityConfig(BaseModel):
                 base[key] = value
         return SparsityConfig.model_validate(base)
 
+    def layer_routes(self, phase: str, context_len: int, num_layers: int) -> list[tuple[str, BackendParams]]:
+        """(method, params) per layer for a request of this context in this phase: dense below
+        `min_context` and in `dense_layers` (shared by sparsekv's runner and the vLLM plugin)."""
+        spec = self.prefill if phase == "prefill" else self.decode
+        dense = ("dense", BackendParams())
+        if spec.method == "dense" or context_len < self.min_context:
+            return [dense] * num_layers
+        chosen = (spec.method, spec.params(phase))
+        return [dense if i in self.dense_layers else chosen for i in range(num_layers)]
+
     @classmethod
     def from_file(cls, path: str | Path) -> "SparsityConfig":
         return cls.model_validate(json.loads(Path(path).read_text()))

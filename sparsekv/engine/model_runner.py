@@ -22,7 +22,6 @@ from sparsekv.ffn.thresholds import find_thresholds
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DENSE = ("dense", BackendParams())
 MUSTAFAR = ("mustafar", BackendParams())
 
 
@@ -132,15 +131,11 @@ class ModelRunner:
         hit = self._routes.get(key)
         if hit is not None and hit[0] is sp:
             return hit[1]
-        spec = sp.prefill if phase == "prefill" else sp.decode
         n = self.model.args.num_layers
         if self.layout is not None:  # the pool is compressed in every layer
             routes = [MUSTAFAR] * n
-        elif spec.method == "dense" or dense:
-            routes = [DENSE] * n
         else:
-            chosen = (spec.method, spec.params(phase))
-            routes = [DENSE if i in sp.dense_layers else chosen for i in range(n)]
+            routes = sp.layer_routes(phase, context_len, n)
         if len(self._routes) >= 256:  # per-request configs come and go: keep the cache bounded
             self._routes.clear()
         self._routes[key] = (sp, routes)

@@ -232,6 +232,13 @@ def test_vllm_serve_answers_openai_client(vllm_env):
                                               max_tokens=8, temperature=0)
         assert chat.choices[0].message.content
         assert "sparsekv: attention from" in (vllm_env.root / "serve.log").read_text()
+        out = vllm_env.root / "eval"  # `sparsekv eval --endpoint` against it (vLLM ignores the body's sparsity)
+        r = subprocess.run([sys.executable, "-m", "sparsekv.cli", "eval", "--endpoint", f"http://127.0.0.1:{port}",
+                            "--served-model-name", "smol", "--tasks", "niah_single", "--lengths", "512",
+                            "--samples", "1", "--methods", "quest", "--output", str(out)],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert json.loads((out / "results.json").read_text())
     finally:
         proc.terminate()
         proc.wait(60)

@@ -7,15 +7,12 @@ package needs no vLLM: register() imports it only when vLLM calls it.
 """
 from __future__ import annotations
 
-import logging
-
 from sparsekv.vllm_plugin.config import ENV, enabled, load_sparsity
-
-log = logging.getLogger(__name__)
 
 CPU_BACKEND = "sparsekv.vllm_plugin.backend_cpu.SparseCPUBackend"
 CUDA_BACKEND = "sparsekv.vllm_plugin.backend_cuda.SparseTritonBackend"
 MLA_REFUSAL = "sparsekv.vllm_plugin.refuse_mla.Refused"
+LOGGER = "vllm.plugins.sparsekv"  # under "vllm", the logger tree vLLM configures
 
 
 def register() -> None:
@@ -35,7 +32,9 @@ def register() -> None:
                 register_backend(getattr(AttentionBackendEnum, name), MLA_REFUSAL)
     else:
         register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
-    log.info("sparsekv: attention from %s=%s", ENV, load_sparsity().model_dump_json(exclude_defaults=True))
+    from vllm.logger import init_logger
+
+    init_logger(LOGGER).info("sparsekv: attention from %s=%s", ENV, load_sparsity().model_dump_json(exclude_defaults=True))
 
 
 __all__ = ["register", "ENV"]

@@ -18,7 +18,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from sparsekv.attention.backend import AttnShape, backend_class
+from sparsekv.attention.backend import AttentionBackend, AttnShape, backend_class
 from sparsekv.attention.context import Route, run_routes
 from sparsekv.attention.metadata import AttnMetadata
 from sparsekv.attention.router import build_routes
@@ -28,7 +28,7 @@ from sparsekv.vllm_plugin import config as plugin_config
 from sparsekv.vllm_plugin.metadata import attn_metadata, keep_side_tables, phases
 from sparsekv.vllm_plugin.stats import AttendedStats
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.plugins.sparsekv")
 
 
 @dataclass(eq=False)
@@ -52,14 +52,22 @@ class SparseMetadata:
 
 
 def resolve_methods(sp: SparsityConfig, device: str) -> SparsityConfig:
-    """A method with no implementation on this device runs dense, with one warning."""
+    """A method with no implementation on this device runs dense, with one warning; so does one
+    that keeps per-request state across steps (it overrides `free`): vLLM's metadata names no
+    request, so the plugin's slots are the step's batch rows. Stateless methods (XAttention,
+    Quest, DELTA; HiP once registered, if it keeps its masks in the plan) run by name."""
     override = {}
     for phase in ("prefill", "decode"):
         spec = getattr(sp, phase)
         try:
-            backend_class(spec.method, device)
+            cls = backend_class(spec.method, device)
         except ValueError as exc:
             logger.warning_once("sparsekv: %s; %s attention runs dense", exc, phase)
+            override[phase] = {"method": "dense"}
+            continue
+        if cls.free is not AttentionBackend.free:
+            logger.warning_once("sparsekv: %s keeps per-request state, which the vLLM plugin cannot key; "
+                                "%s attention runs dense", spec.method, phase)
             override[phase] = {"method": "dense"}
     return sp.merged(override)
 
@@ -153,6 +161,22 @@ class SparseImplMixin:
         self.side: dict[str, torch.Tensor] = {}  # this layer's side tables (Quest's page key bounds)
         self.allocated: set[str] = set()
         self.layer_id: int | None = None
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        """Store K/V plainly, [block, head, offset, D], where sparsekv's backends read them: the
+        base kernels' own write may pack keys for their ISA (CPU_ATTN stores a block's keys
+        transposed, AMX in VNNI pairs). A layer the base backend runs keeps the base's write."""
+        if self.fallback_reason:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        slots = slot_mapping[:key.shape[0]].long()
+        if bool((slots < 0).any()):  # padded tokens
+            keep = slots >= 0
+            slots, key, value = slots[keep], key[:len(keep)][keep], value[:len(keep)][keep]
+        kv = self.split(kv_cache)
+        idx = WriteIndex.from_slots(slots, kv.page_size)
+        kv.k[idx.pages, :, idx.offsets] = key[:len(slots)]
+        kv.v[idx.pages, :, idx.offsets] = value[:len(slots)]
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: SparseMetadata | None, output: torch.Tensor, output_scale=None,

@@ -1,0 +1,145 @@
+"""vLLM dense vs vLLM + sparsekv's methods (the plugin), with `sparsekv serve` beside them.
+
+For each method, one `vllm serve` (SPARSEKV_SPARSITY_CONFIG=method; unset for dense) and one
+`sparsekv serve` on the same exported model; against each endpoint `sparsekv bench serve` per
+prompt length (TTFT/TPOT) and `sparsekv eval --endpoint` (RULER-style scores); the plugin's
+attended fraction from SPARSEKV_VLLM_STATS. Everything lands in one results JSON.
+
+    python benchmarks/vllm_plugin.py --lengths 4096,7680 --methods dense,xattention,quest \\
+        [--vllm-python /work/venvs/vllm/bin/python] [--num-prompts 8] [--eval-samples 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(proc: subprocess.Popen, base: str, log: Path, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"server at {base} did not come up in {timeout} s")
+
+
+def client_runs(args, base: str, method: str, out: Path) -> dict:
+    """bench serve per length and one eval, through the same client commands for any server."""
+    cli = [sys.executable, "-m", "sparsekv.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    row = {"bench": {}}
+    for length in args.lengths:
+        d = out / f"bench-{length}"
+        subprocess.run([*cli, "bench", "serve", "--endpoint", base, "--model", args.model, "--input-len", str(length),
+                        "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+                        "--max-concurrency", "1", "--output", str(d)], check=True, env=env)
+        rep = json.loads((d / "results.json").read_text())
+        row["bench"][length] = {k: v for k, v in rep.items() if k != "requests"}
+    if args.eval_samples:
+        d = out / "eval"
+        subprocess.run([*cli, "eval", "--endpoint", base, "--model", args.model, "--served-model-name", "m",
+                        "--tasks", args.eval_tasks, "--lengths", ",".join(map(str, args.lengths)),
+                        "--samples", str(args.eval_samples), "--methods", method, "--output", str(d)],
+                       check=True, env=env)
+        row["eval"] = json.loads((d / "results.json").read_text())
+    return row
+
+
+def serve(cmd: list[str], env: dict, log: Path):
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def run_engine(args, engine: str, method: str, out: Path) -> dict:
+    from sparsekv.config import preset
+
+    port, out = free_port(), out / f"{engine}-{method}"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{args.plugin_path}{os.pathsep}{ROOT}"}
+    env.pop("SPARSEKV_SPARSITY_CONFIG", None)
+    stats = out / "attended.json"
+    max_len = str(max(args.lengths) + args.output_len + 64)
+    if engine == "vllm":
+        if method != "dense":
+            env.update(SPARSEKV_SPARSITY_CONFIG=method, SPARSEKV_VLLM_STATS=str(stats))
+        cmd = [str(Path(args.vllm_python).parent / "vllm"), "serve", args.hf_model, "--served-model-name", "m",
+               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, *args.vllm_args.split()]
+    else:
+        cfg = out / "sparsity.json"
+        cfg.write_text(preset(method).model_dump_json())
+        cmd = [sys.executable, "-m", "sparsekv.cli", "serve", "--model", args.model, "--served-model-name", "m",
+               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, "--sparsity-config", str(cfg)]
+    log = out / "server.log"
+    proc = serve(cmd, env, log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_up(proc, base, log)
+        row = {"server_command": cmd, **client_runs(args, base, method, out)}
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    if stats.exists():
+        row["attended"] = json.loads(stats.read_text())
+    return row
+
+
+def plugin_dist(root: Path) -> Path:
+    """The entry point `pip install sparsekv[vllm]` declares, for a source checkout."""
+    info = root / "plugin" / "sparsekv_vllm_plugin-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsekv-vllm-plugin\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\nsparsekv = sparsekv.vllm_plugin:register\n")
+    return root / "plugin"
+
+
+def main() -> None:
+    from sparsekv.config import default_model
+    from sparsekv.vllm_plugin.checkpoint import export_hf
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="sparsekv's model (default: the default model's GGUF)")
+    ap.add_argument("--lengths", default="4096,7680", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--methods", default="dense,xattention,quest")
+    ap.add_argument("--engines", default="vllm,sparsekv")
+    ap.add_argument("--vllm-python", default=os.environ.get("SPARSEKV_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
+    ap.add_argument("--vllm-args", default="--block-size 32", help="extra `vllm serve` flags")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--eval-samples", type=int, default=10, help="0 skips the eval")
+    ap.add_argument("--eval-tasks", default="niah_single,vt")
+    ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_plugin")
+    args = ap.parse_args()
+    args.model = args.model or default_model()
+    args.hf_model = str(export_hf(args.model, args.output / "hf-model"))
+    args.plugin_path = plugin_dist(args.output)
+    results = {"lengths": args.lengths, "model": args.model, "runs": {}}
+    for method in args.methods.split(","):
+        for engine in args.engines.split(","):
+            results["runs"][f"{engine}-{method}"] = run_engine(args, engine, method, args.output)
+            (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"results: {args.output / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

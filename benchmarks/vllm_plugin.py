@@ -70,23 +70,34 @@ def serve(cmd: list[str], env: dict, log: Path):
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def run_engine(args, engine: str, method: str, out: Path) -> dict:
+def method_config(method: str, block_size: int) -> str:
+    """The preset, its selection pages raised to vLLM's block size: one config for both engines."""
     from sparsekv.config import preset
 
+    cfg = preset(method).model_dump(mode="json")
+    for phase in ("prefill", "decode"):
+        if "page_size" in cfg[phase]:
+            cfg[phase]["page_size"] = max(cfg[phase]["page_size"], block_size)
+    return json.dumps(cfg)
+
+
+def run_engine(args, engine: str, method: str, out: Path) -> dict:
     port, out = free_port(), out / f"{engine}-{method}"
     out.mkdir(parents=True, exist_ok=True)
+    sparsity = method_config(method, args.block_size)
     env = {**os.environ, "PYTHONPATH": f"{args.plugin_path}{os.pathsep}{ROOT}"}
     env.pop("SPARSEKV_SPARSITY_CONFIG", None)
     stats = out / "attended.json"
     max_len = str(max(args.lengths) + args.output_len + 64)
     if engine == "vllm":
         if method != "dense":
-            env.update(SPARSEKV_SPARSITY_CONFIG=method, SPARSEKV_VLLM_STATS=str(stats))
+            env.update(SPARSEKV_SPARSITY_CONFIG=sparsity, SPARSEKV_VLLM_STATS=str(stats))
         cmd = [str(Path(args.vllm_python).parent / "vllm"), "serve", args.hf_model, "--served-model-name", "m",
-               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, *args.vllm_args.split()]
+               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype,
+               "--block-size", str(args.block_size), *args.vllm_args.split()]
     else:
         cfg = out / "sparsity.json"
-        cfg.write_text(preset(method).model_dump_json())
+        cfg.write_text(sparsity)
         cmd = [sys.executable, "-m", "sparsekv.cli", "serve", "--model", args.model, "--served-model-name", "m",
                "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, "--sparsity-config", str(cfg)]
     log = out / "server.log"
@@ -94,7 +105,7 @@ def run_engine(args, engine: str, method: str, out: Path) -> dict:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_up(proc, base, log)
-        row = {"server_command": cmd, **client_runs(args, base, method, out)}
+        row = {"server_command": cmd, "sparsity": json.loads(sparsity), **client_runs(args, base, method, out)}
     finally:
         proc.terminate()
         proc.wait(120)
@@ -122,7 +133,8 @@ def main() -> None:
     ap.add_argument("--methods", default="dense,xattention,quest")
     ap.add_argument("--engines", default="vllm,sparsekv")
     ap.add_argument("--vllm-python", default=os.environ.get("SPARSEKV_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
-    ap.add_argument("--vllm-args", default="--block-size 32", help="extra `vllm serve` flags")
+    ap.add_argument("--block-size", type=int, default=32, help="vLLM's KV block (a multiple of 32 on CPU)")
+    ap.add_argument("--vllm-args", default="", help="extra `vllm serve` flags")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=64)

@@ -191,7 +191,8 @@ def test_vllm_offline_full_budget_is_vllm_dense(vllm_env):
 def test_vllm_offline_sparse_methods_report_attended(vllm_env):
     long = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(150)) + " Item 7 is a"
     stats = vllm_env.root / "stats.json"
-    sp = json.dumps({"prefill": {"method": "xattention", "threshold": 0.9}, "decode": {"method": "quest", "budget": 256}})
+    sp = json.dumps({"prefill": {"method": "xattention", "threshold": 0.9},
+                     "decode": {"method": "quest", "budget": 256, "page_size": 32}})  # vLLM's CPU blocks: 32
     out, _ = _generate(vllm_env, sp, [long], 16, stats)
     assert len(out[0]) == 16
     frac = json.loads(stats.read_text())["attended_fraction"]
@@ -209,7 +210,7 @@ def _free_port() -> int:
 def test_vllm_serve_answers_openai_client(vllm_env):
     openai = pytest.importorskip("openai")
     port = _free_port()
-    env = {**vllm_env.env, plugin_config.ENV: "quest"}
+    env = {**vllm_env.env, plugin_config.ENV: '{"decode": {"method": "quest", "page_size": 32}}'}
     cmd = [str(Path(vllm_env.python).parent / "vllm"), "serve", vllm_env.model, "--port", str(port),
            "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32", "--block-size", "32",
            "--served-model-name", "smol"]

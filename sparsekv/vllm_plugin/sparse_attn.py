@@ -91,9 +91,9 @@ class SparseBuilderMixin:
                                num_heads=impls[0].num_heads,  # this rank's heads under tensor parallelism
                                num_kv_heads=kv_cache_spec.num_kv_heads, head_dim=kv_cache_spec.head_size,
                                scale=scales.pop())
+        self.page_size = kv_cache_spec.block_size
         self._check_model()
         self.layer_ids = sorted(extract_layer_index(name) for name in layer_names)
-        self.page_size = kv_cache_spec.block_size
         self.needs_base = any(getattr(impl, "fallback_reason", None) for impl in impls)
         self.specs = tuple({s.name: s for spec in (self.sparsity.prefill, self.sparsity.decode)
                             for s in backend_class(spec.method, self.device_type).kv_spec}.values())
@@ -107,7 +107,13 @@ class SparseBuilderMixin:
         if bad:
             raise ValueError(f"sparsekv: dense_layers {bad} are not layers of this {n}-layer model")
         for phase in ("prefill", "decode"):
-            getattr(sp, phase).params(phase).check_model(self.shape)
+            spec = getattr(sp, phase)
+            params = spec.params(phase)
+            params.check_model(self.shape)
+            page = getattr(params, "page_size", None)  # Quest's and DELTA's selection page
+            if page is not None and page % self.page_size:
+                raise ValueError(f"sparsekv: {spec.method} page_size {page} must be a multiple of vLLM's block size "
+                                 f"{self.page_size}: set page_size={self.page_size} in {plugin_config.ENV}")
 
     def _layer_routes(self, phase: str, context_len: int) -> list:
         key = (phase, context_len < self.sparsity.min_context)

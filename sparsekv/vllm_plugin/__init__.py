@@ -21,7 +21,8 @@ def register() -> None:
     with `--attention-backend CUSTOM`, leaving vLLM's own backends selectable."""
     if not enabled():
         return
-    load_sparsity()  # a bad config fails here, at start-up, with pydantic's reasons
+    config = load_sparsity()  # a bad config fails here, at start-up, with pydantic's reasons
+    from vllm.logger import init_logger
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
@@ -32,9 +33,7 @@ def register() -> None:
                 register_backend(getattr(AttentionBackendEnum, name), MLA_REFUSAL)
     else:
         register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
-    from vllm.logger import init_logger
-
-    init_logger(LOGGER).info("sparsekv: attention from %s=%s", ENV, load_sparsity().model_dump_json(exclude_defaults=True))
+    init_logger(LOGGER).info("sparsekv: attention from %s=%s", ENV, config.model_dump_json(exclude_defaults=True))
 
 
 __all__ = ["register", "ENV"]

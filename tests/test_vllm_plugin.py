@@ -23,7 +23,7 @@ from sparsekv.attention.metadata import AttnMetadata, RequestInput
 from sparsekv.cache.kv_cache import PAGE_BOUNDS, WriteIndex
 from sparsekv.vllm_plugin import config as plugin_config
 from sparsekv.vllm_plugin import metadata as vm
-from tests.decode_cases import backend, make_case
+from decode_cases import backend, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -74,10 +74,12 @@ def method_config(method: str, block_size: int) -> str:
     """The preset, its selection pages raised to vLLM's block size: one config for both engines."""
     from sparsekv.config import preset
 
-    cfg = preset(method).model_dump(mode="json")
+    sp = preset(method)
+    cfg = sp.model_dump(mode="json")
     for phase in ("prefill", "decode"):
-        if "page_size" in cfg[phase]:
-            cfg[phase]["page_size"] = max(cfg[phase]["page_size"], block_size)
+        page = getattr(getattr(sp, phase).params(phase), "page_size", None)
+        if page is not None:
+            cfg[phase]["page_size"] = -(-page // block_size) * block_size
     return json.dumps(cfg)
 
 

@@ -140,6 +140,29 @@ def _skip_reason() -> str | None:
     return None if r.returncode == 0 else f"vLLM does not import in {exe}: {r.stderr.strip()[-400:]}"
 
 
+REGISTRATION = """
+import sparsekv.vllm_plugin as p
+from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+p.register()
+print("PATH", E.CPU_ATTN.get_path())
+try:
+    E.CPU_MLA.get_class()
+except RuntimeError as exc:
+    print("MLA", exc)
+"""
+
+
+@pytest.mark.slow
+def test_vllm_registration_and_mla_refusal():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), plugin_config.ENV: "quest"}
+    r = subprocess.run([_vllm_python(), "-c", REGISTRATION], env=env, capture_output=True, text=True, timeout=300)
+    assert "PATH sparsekv.vllm_plugin.backend_cpu.SparseCPUBackend" in r.stdout, r.stderr[-2000:]
+    assert "MLA sparsekv's vLLM plugin does not support MLA models" in r.stdout
+
+
 @pytest.fixture(scope="module")
 def vllm_env(tmp_path_factory):
     reason = _skip_reason()

@@ -1,18 +1,23 @@
 """vLLM dense vs vLLM + sparsekv's methods (the plugin), with `sparsekv serve` beside them.
 
 For each method, one `vllm serve` (SPARSEKV_SPARSITY_CONFIG=method; unset for dense) and one
-`sparsekv serve` on the same exported model; against each endpoint `sparsekv bench serve` per
-prompt length (TTFT/TPOT) and `sparsekv eval --endpoint` (RULER-style scores); the plugin's
-attended fraction from SPARSEKV_VLLM_STATS. Everything lands in one results JSON.
+`sparsekv serve` on the same weights (vLLM reads the GGUF exported dequantized); against each
+endpoint `sparsekv bench serve` per prompt length (TTFT/TPOT) and `sparsekv eval --endpoint`
+(RULER-style scores); the plugin's attended fraction from SPARSEKV_VLLM_STATS. Everything
+lands in one results JSON.
 
     python benchmarks/vllm_plugin.py --lengths 4096,7680 --methods dense,xattention,quest \\
         [--vllm-python /work/venvs/vllm/bin/python] [--num-prompts 8] [--eval-samples 10]
+
+The default model's context is 8K: past it (16K) pass a rope-scaling override to both engines
+(--vllm-args=... and --sparsekv-args=...).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -91,7 +96,7 @@ def run_engine(args, engine: str, method: str, out: Path) -> dict:
            **os.environ, "PYTHONPATH": f"{args.plugin_path}{os.pathsep}{ROOT}"}
     env.pop("SPARSEKV_SPARSITY_CONFIG", None)
     stats = out / "attended.json"
-    max_len = str(max(args.lengths) + args.output_len + 64)
+    max_len = str(max(args.lengths) + max(args.output_len, 128) + 64)  # 128: the eval tasks' answer budget
     if engine == "vllm":
         if method != "dense":
             env.update(SPARSEKV_SPARSITY_CONFIG=sparsity, SPARSEKV_VLLM_STATS=str(stats))
@@ -99,12 +104,13 @@ def run_engine(args, engine: str, method: str, out: Path) -> dict:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.hf_model,
                "--served-model-name", "m",
                "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype,
-               "--block-size", str(args.block_size), *args.vllm_args.split()]
+               "--block-size", str(args.block_size), *shlex.split(args.vllm_args)]
     else:
         cfg = out / "sparsity.json"
         cfg.write_text(sparsity)
         cmd = [sys.executable, "-m", "sparsekv.cli", "serve", "--model", args.model, "--served-model-name", "m",
-               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, "--sparsity-config", str(cfg)]
+               "--port", str(port), "--max-model-len", max_len, "--dtype", args.dtype, "--sparsity-config", str(cfg),
+               *shlex.split(args.sparsekv_args)]
     log = out / "server.log"
     proc = serve(cmd, env, log)
     try:
@@ -139,7 +145,8 @@ def main() -> None:
     ap.add_argument("--engines", default="vllm,sparsekv")
     ap.add_argument("--vllm-python", default=os.environ.get("SPARSEKV_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
     ap.add_argument("--block-size", type=int, default=32, help="vLLM's KV block (a multiple of 32 on CPU)")
-    ap.add_argument("--vllm-args", default="", help="extra `vllm serve` flags")
+    ap.add_argument("--vllm-args", default="", help="extra `vllm serve` flags (write --vllm-args=--flag)")
+    ap.add_argument("--sparsekv-args", default="", help="extra `sparsekv serve` flags")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=64)
@@ -150,12 +157,13 @@ def main() -> None:
     args.model = args.model or default_model()
     args.hf_model = str(export_hf(args.model, args.output / "hf-model"))
     args.plugin_path = plugin_dist(args.output)
-    results = {"lengths": args.lengths, "model": args.model, "runs": {}}
+    path = args.output / "results.json"  # runs of earlier invocations (other --engines/--methods) are kept
+    results = json.loads(path.read_text()) if path.exists() else {"model": args.model, "runs": {}}
     for method in args.methods.split(","):
         for engine in args.engines.split(","):
             results["runs"][f"{engine}-{method}"] = run_engine(args, engine, method, args.output)
-            (args.output / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"results: {args.output / 'results.json'}")
+            path.write_text(json.dumps(results, indent=1))
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

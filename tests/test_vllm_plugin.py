@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from sparsekv.attention.metadata import AttnMetadata, RequestInput
-from sparsekv.cache.kv_cache import PAGE_BOUNDS, WriteIndex
+from sparsekv.attention.backend import get_backend, params_class
+from sparsekv.cache.kv_cache import PAGE_BOUNDS, LayerKV, WriteIndex
 from sparsekv.vllm_plugin import config as plugin_config
 from sparsekv.vllm_plugin import metadata as vm
 from decode_cases import backend, make_case
+from prefill_cases import Seq, run_prefill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,26 @@ def test_backends_over_vllm_cpu_layout(method, params):
     if be.kv_spec:
         PAGE_BOUNDS.allocate(kv, case.cache.fill)
     got = be.forward(case.q, kv, 2, plan)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["xattention", "hip", "dense"])
+def test_prefill_backends_over_vllm_cpu_layout(method):
+    """Prefill methods (HiP included: its prefill keeps no state) read vLLM's layout as their own."""
+    g = torch.Generator().manual_seed(1)
+    ps, hkv, hq, d = 16, 2, 4, 16
+    own = LayerKV.allocate(48, hkv, ps, d, torch.float32)
+    own.k.copy_(torch.randn(own.k.shape, generator=g))
+    own.v.copy_(torch.randn(own.v.shape, generator=g))
+    perm = torch.randperm(48, generator=g)
+    seqs = [Seq(0, 300, 300, perm[:19]), Seq(300, 64, 200, perm[19:32])]  # a whole prompt, a later chunk
+    q = torch.randn(364, hq, d, generator=g)
+    be = get_backend(method, params_class(method, "prefill")(), "cpu")
+    want = run_prefill(be, q, own, seqs, d ** -0.5, layer=3, num_layers=8)
+    kv = vm.split_block_interior(torch.zeros(48, hkv, ps, 2 * d))
+    kv.k.copy_(own.k)
+    kv.v.copy_(own.v)
+    got = run_prefill(be, q, kv, seqs, d ** -0.5, layer=3, num_layers=8)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 

@@ -23,7 +23,7 @@ from sparsekv.attention.context import Route, run_routes
 from sparsekv.attention.metadata import AttnMetadata
 from sparsekv.attention.router import build_routes
 from sparsekv.cache.kv_cache import KVSpec, LayerKV, WriteIndex
-from sparsekv.config import SparsityConfig
+from sparsekv.config import FFNSection, KVSection, SparsityConfig
 from sparsekv.vllm_plugin import config as plugin_config
 from sparsekv.vllm_plugin.metadata import attn_metadata, keep_side_tables, phases
 from sparsekv.vllm_plugin.stats import AttendedStats
@@ -52,10 +52,11 @@ class SparseMetadata:
 
 
 def resolve_methods(sp: SparsityConfig, device: str) -> SparsityConfig:
-    """A method with no implementation on this device runs dense, with one warning; so does one
-    that keeps per-request state across steps (it overrides `free`): vLLM's metadata names no
-    request, so the plugin's slots are the step's batch rows. Stateless methods (XAttention,
-    Quest, DELTA; HiP once registered, if it keeps its masks in the plan) run by name."""
+    """A method with no implementation on this device runs dense, with one warning; so does a
+    decode method that keeps per-request state across steps (it overrides `free`, as HiP's cached
+    decode masks do): vLLM's metadata names no request, so the plugin's slots are the step's batch
+    rows. Prefill (one step) and stateless decode (Quest, DELTA) run by name. The KV-cache and FFN
+    sections are sparsekv-engine features, not attention: inside vLLM they are ignored, said once."""
     override = {}
     for phase in ("prefill", "decode"):
         spec = getattr(sp, phase)
@@ -65,10 +66,13 @@ def resolve_methods(sp: SparsityConfig, device: str) -> SparsityConfig:
             logger.warning_once("sparsekv: %s; %s attention runs dense", exc, phase)
             override[phase] = {"method": "dense"}
             continue
-        if cls.free is not AttentionBackend.free:
-            logger.warning_once("sparsekv: %s keeps per-request state, which the vLLM plugin cannot key; "
-                                "%s attention runs dense", spec.method, phase)
+        if phase == "decode" and cls.free is not AttentionBackend.free:
+            logger.warning_once("sparsekv: %s decode keeps per-request state, which the vLLM plugin cannot key; "
+                                "decode attention runs dense", spec.method)
             override[phase] = {"method": "dense"}
+    if sp.kv != KVSection() or sp.ffn != FFNSection():
+        logger.warning_once("sparsekv: the kv and ffn sections of %s apply to sparsekv's own engine only; "
+                            "inside vLLM only prefill and decode attention are sparse", plugin_config.ENV)
     return sp.merged(override)
 
 

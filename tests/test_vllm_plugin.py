@@ -220,8 +220,8 @@ def _generate(v, sparsity: str | None, prompts: list[str], max_tokens: int, stat
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
-FULL = json.dumps({"prefill": {"method": "xattention", "threshold": 1.0}, "decode": {"method": "quest", "budget": 8192},
-                   "dense_layers": []})
+FULL = json.dumps({"prefill": {"method": "xattention", "threshold": 1.0},
+                   "decode": {"method": "quest", "budget": 8192, "page_size": 32}, "dense_layers": []})
 
 
 @pytest.mark.slow

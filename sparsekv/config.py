@@ -183,6 +183,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mustafar": {"kv": {"prune": "mustafar"}},
     **{f"{m}-{b}": {"kv": {"evict": m, "budget": b}}  # token eviction at the issue's budgets
        for m in ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv") for b in (1024, 2048)},
+    # activation-sparse FFN at the papers' headline sparsities (40% and 50%; the bare name is 50%)
+    **{f"{m}-{p}": {"ffn": {"method": m, "sparsity": p / 100}} for m in ("teal", "wina", "chess") for p in (40, 50)},
+    **{m: {"ffn": {"method": m, "sparsity": 0.5}} for m in ("teal", "wina", "chess")},
 }
 
 

@@ -209,19 +209,6 @@ class HiPTriton(HiPBackend):
         plan.attended += torch.stack(attended).to(torch.float64)
         return paged_prefill(q, kv, g, plan.scale, lists)
 
-    def _refresh(self, kv: LayerKV, g: BatchGroup, i: int, layer: int, st: SlotState, start: int,
-                 recent: torch.Tensor, block: int) -> LayerMask:
-        """Search request i's middle pages from stage `start` on, each KV head's query block being
-        its group's heads over the buffered queries recent [n, Hq, D]."""
-        p, n, hkv = self.params, g.seq_lens_cpu[i], kv.k.shape[1]
-        lo, hi = middle_blocks(p, n, block)
-        qs = recent.view(recent.shape[0], hkv, -1, recent.shape[-1]).transpose(0, 1).reshape(hkv, -1, recent.shape[-1])
-        bounds = torch.full((hkv,), lo, device=qs.device), torch.full((hkv,), hi, device=qs.device)
-        cached = st.layers[layer].stages if layer in st.layers else None
-        kept, stages = search(p, self.decode_probe(qs, kv, g, i), *bounds, block, start, cached)
-        until = n + p.refresh_interval[-1] - 1  # the last stage reruns every that many steps
-        return LayerMask(kept, stages, decode_pages(p, kept, n, block, kv.page_size, until))
-
     def decode_probe(self, qs: torch.Tensor, kv: LayerKV, group: BatchGroup, i: int) -> Probe:
         from sparsekv.attention.kernels.hip_probe import paged_probe
 

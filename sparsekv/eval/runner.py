@@ -141,6 +141,9 @@ class LocalRunner:
 
     def run(self, samples: list[Sample], method: str, sparsity: SparsityConfig, done: Done) -> None:
         self.llm = self.llm or self.make_llm()
+        # "dense" runs the engine's own config, as EndpointRunner sends none: under server-wide
+        # settings (e.g. --kv-prune mustafar) a full dense config would be refused as a change
+        sparsity = None if method == "dense" else sparsity
         try:  # warm-up (lazy init, kernel compilation) outside the timed samples; errors show up below
             self.llm.generate([samples[0].prompt], SamplingParams(temperature=0.0, max_tokens=2), sparsity=sparsity,
                               use_tqdm=False)
@@ -148,7 +151,7 @@ class LocalRunner:
             self._abort_all()
         self._window(samples, sparsity, done, self.batch_size)
 
-    def _window(self, samples: list[Sample], sparsity: SparsityConfig, done: Done, width: int) -> None:
+    def _window(self, samples: list[Sample], sparsity: SparsityConfig | None, done: Done, width: int) -> None:
         engine = self.llm.engine
         queue, flight = list(samples)[::-1], {}
         while queue or flight:

@@ -21,20 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from timing import timings_s
 
 from sparsekv.attention.kernels.cpu_decode import available, paged_decode_cpu
 
 HQ, HKV, D, PS = 9, 3, 64, 16
-
-
-def timings_s(fn, repeats: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def interleaved_s(fn, baseline, repeats: int) -> dict[str, list[float]]:

@@ -20,17 +20,9 @@ from pathlib import Path
 
 import torch
 
+from timing import median_s
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def sparsekv_engine(model: str, dtype: str, batch: int, context: int, steps: int):
@@ -72,7 +64,7 @@ def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int
     def run() -> None:
         for _ in range(steps):
             engine.step()
-    step = median_time(run, repeats) / steps
+    step = median_s(run, repeats) / steps
     del engine
     gc.collect()
     return {"step_s": step, "tok_s": batch / step}

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from timing import median_s
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,17 +37,6 @@ def capture_inputs(llm, ids: list[int]) -> dict[tuple[int, str], torch.Tensor]:
     with hooked(llm.engine.runner.model, lambda i, s, x, out: rows.setdefault((i, s), []).append(x.detach().clone())):
         llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)
     return {k: torch.cat(v) for k, v in rows.items()}
-
-
-def median_us(fn, repeats: int) -> float:
-    for _ in range(max(2, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
 
 
 @contextmanager
@@ -123,8 +112,8 @@ def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict
 
                 with torch.inference_mode():
                     rows.append({"batch": b, "method": method, "sparsity": s,
-                                 "mlp_us_per_layer": round(median_us(mlp, repeats) / n, 2),
-                                 "proj_us_per_layer": round(median_us(proj, repeats) / n, 2)})
+                                 "mlp_us_per_layer": round(median_s(mlp, repeats, max(2, repeats // 10)) * 1e6 / n, 2),
+                                 "proj_us_per_layer": round(median_s(proj, repeats, max(2, repeats // 10)) * 1e6 / n, 2)})
                 rows[-1]["mlp_weight_read_fraction"] = read_fraction(mlp, mlp_elements)
                 rows[-1]["proj_weight_read_fraction"] = read_fraction(proj, proj_elements)
                 print(rows[-1], flush=True)

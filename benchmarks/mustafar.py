@@ -18,23 +18,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from timing import median_s
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def geometry(model: str | None) -> dict:
@@ -115,7 +105,7 @@ def attention_step(geo: dict, sparsity: float, length: int, batch: int, repeats:
     for name, cache in (("dense", dense), ("mustafar", comp)):
         be = get_backend(name, BackendParams())
         plan = be.plan(meta.group("decode", 0, batch), shape)
-        out[f"{name}_s"] = median_time(lambda: be.forward(q, cache.layers[0], 0, plan), repeats)
+        out[f"{name}_s"] = median_s(lambda: be.forward(q, cache.layers[0], 0, plan), repeats)
     out["speedup"] = round(out["dense_s"] / out["mustafar_s"], 3)
     return out
 

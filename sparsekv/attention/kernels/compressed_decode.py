@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsekv.attention.kernels.decode import online_softmax_step, store_split
+
 _TARGET_PROGRAMS = 256  # enough programs to fill a GPU at batch 1
 BLOCK_N = 16  # records per tile: the one-hot temporary is BLOCK_N x keep x D
 
@@ -59,22 +61,13 @@ def _compressed_decode_kernel(
         kd = _decompress(KC, KI, kbase, jk, d, tmask[:, None] & (jk[None, :] < K_KEEP))
         s = tl.dot(q, tl.trans(kd), input_precision=PREC) * scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
         vbase = phys * sv_p + h * sv_h + (t % PS) * sv_t
         vd = _decompress(VC, VI, vbase, jv, d, tmask[:, None] & (jv[None, :] < V_KEEP))
         acc = acc * alpha[:, None] + tl.dot(p, vd, input_precision=PREC)
         m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    heads = h * G + g
-    tl.store(O + sid * so_s + heads[:, None] * so_h + split * so_x + d[None, :], out,
-             mask=gmask[:, None] & dmask[None, :])
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + sid * sl_s + heads * sl_h + split, lse, mask=gmask)
+    store_split(O, LSE, acc, m_i, l_i, sid * so_s + split * so_x, sid * sl_s + split, h * G + g, so_h, sl_h,
+                d, gmask, dmask)
 
 
 def compressed_decode(q: torch.Tensor, kc: torch.Tensor, ki: torch.Tensor, vc: torch.Tensor, vi: torch.Tensor,

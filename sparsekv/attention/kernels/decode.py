@@ -17,6 +17,27 @@ _TARGET_PROGRAMS = 256  # enough (seq, head, split) programs to fill the SMs of 
 
 
 @triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One tile of flash-decoding's online softmax: the tile's weights p, the rescale alpha of
+    what was accumulated, and the new running max and sum (rows of -inf stay empty)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def store_split(O, LSE, acc, m_i, l_i, o_base, lse_base, heads, so_h, sl_h, d, gmask, dmask):
+    """A split's normalised output and log-sum-exp (-inf where it read nothing), for the merge."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(O + o_base + heads[:, None] * so_h + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + lse_base + heads * sl_h, lse, mask=gmask)
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
                    sq_s, sq_h, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, sbt_s,
                    spl_s, spl_h, spl_n, so_s, so_h, so_x, slse_s, slse_h,
@@ -57,22 +78,13 @@ def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
                     mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(V + phys[:, None] * sv_p + h * sv_h + off[:, None] * sv_t + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    heads = h * G + g
-    tl.store(O + sid * so_s + heads[:, None] * so_h + split * so_x + d[None, :], out,
-             mask=gmask[:, None] & dmask[None, :])
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + sid * slse_s + heads * slse_h + split, lse, mask=gmask)
+    store_split(O, LSE, acc, m_i, l_i, sid * so_s + split * so_x, sid * slse_s + split, h * G + g, so_h, slse_h,
+                d, gmask, dmask)
 
 
 def pack_tables(group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

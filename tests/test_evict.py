@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_steps import run_together
+
 from sparsekv import LLM, SamplingParams
 from sparsekv.config import SparsityConfig
 
@@ -30,16 +32,7 @@ def close_logprobs(a: list[dict], b: list[dict], tol: float = 1e-4) -> bool:
 
 def steps(llm: LLM, requests: dict[str, tuple[str, dict | None]], each=lambda engine: None):
     """Run requests to the end through engine.step(), calling each(engine) after every step."""
-    engine = llm.engine
-    for rid, (prompt, sp) in requests.items():
-        engine.add_request(rid, prompt, GREEDY, sp)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0]
-        each(engine)
-    return got
+    return run_together(llm.engine, requests, GREEDY, each)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from engine_steps import run_together
 from parity import engine_logits
 
 from sparsekv import LLM, SamplingParams, calibrate
@@ -122,14 +123,8 @@ def test_requests_with_different_ffn_configs_share_a_step(llm):
     configs = [None, _ffn("teal", 0.5), _ffn("chess", 0.4)]
     alone = [llm.generate([PROMPT], params, sparsity=c, use_tqdm=False)[0].outputs[0].token_ids for c in configs]
     engine = llm.engine
-    for i, c in enumerate(configs):
-        engine.add_request(f"mix{i}", PROMPT, params, c)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    assert [done[f"mix{i}"] for i in range(3)] == alone
+    done = run_together(engine, {f"mix{i}": (PROMPT, c) for i, c in enumerate(configs)}, params)
+    assert [done[f"mix{i}"].token_ids for i in range(3)] == alone
 
 
 def test_chess_leaves_k_and_v_dense():

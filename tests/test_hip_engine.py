@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from engine_steps import run_together
+
 from sparsekv import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -44,11 +46,5 @@ def test_composes_per_request_in_chunked_batches(tiny_llama4):
     expected = [alone.generate([p], GREEDY, sparsity=c, use_tqdm=False)[0].outputs[0].token_ids
                 for p, c in zip(prompts, configs)]
     engine = LLM(tiny_llama4, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=48).engine
-    for i, (p, c) in enumerate(zip(prompts, configs)):
-        engine.add_request(str(i), p, GREEDY, c)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
-    assert [got[str(i)] for i in range(4)] == expected
+    got = run_together(engine, {str(i): pc for i, pc in enumerate(zip(prompts, configs))}, GREEDY)
+    assert [got[str(i)].token_ids for i in range(4)] == expected

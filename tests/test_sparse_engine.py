@@ -3,6 +3,7 @@ and mixed batches, chunking, preemption and per-request overrides keep each requ
 from __future__ import annotations
 
 import pytest
+from engine_steps import run_together
 
 from sparsekv import LLM, SamplingParams
 
@@ -63,13 +64,7 @@ def test_mixed_batch_chunked_preempted_equals_alone(tiny_llama4):
     busy = LLM(tiny_llama4, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=40,
                kv_cache_memory=24 * per_page)
     engine = busy.engine
-    for i, (p, c) in enumerate(zip(prompts, configs)):
-        engine.add_request(str(i), p, GREEDY, c)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
+    got = run_together(engine, {str(i): pc for i, pc in enumerate(zip(prompts, configs))}, GREEDY)
     assert engine.scheduler.num_preemptions > 0
-    assert [got[str(i)] for i in range(4)] == expected
+    assert [got[str(i)].token_ids for i in range(4)] == expected
     assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)

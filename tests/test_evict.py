@@ -132,6 +132,20 @@ def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
     assert close_logprobs(got[False]["other"].logprobs, unshared.logprobs)
 
 
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "streamingllm"])
+def test_cached_prompt_gives_what_an_uncached_one_gives(llm, tiny_llama4, method):
+    """The same prompt already cached by a dense request: the scored queries (SnapKV's window,
+    H2O's whole prompt) are still computed, so eviction keeps what it keeps without the cache."""
+    cached = LLM(tiny_llama4, max_model_len=512, max_num_seqs=8)
+    run(cached, [PROMPT])
+    hits = cached.engine.block_manager.prefix_hits
+    got = run(cached, [PROMPT], evict(method))[0]
+    if method != "h2o":
+        assert cached.engine.block_manager.prefix_hits > hits
+    want = run(llm, [PROMPT], evict(method))[0]
+    assert got.token_ids == want.token_ids and close_logprobs(got.logprobs, want.logprobs)
+
+
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "streamingllm"])
 def test_chunked_prefill_equals_unchunked(llm, tiny_llama4, method):
     chunked = LLM(tiny_llama4, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=24,

@@ -53,9 +53,10 @@ def test_full_budget_equals_dense_exactly(llm, dense, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_sinks_and_recent_per_layer_and_head(llm, dense, method):
-    """After the prompt and at every decode step: each (layer, KV head) keeps the same count,
-    within the budget (one-shot methods grow by the tokens generated since), sinks and the
-    recent window in every row; the sequence holds just the pages its kept slots need."""
+    """After the prompt and at every decode step: each (layer, KV head) row keeps exactly its
+    own budget (one-shot methods grow by the tokens generated since), its live slots are the
+    last ones and hold distinct positions, sinks and the recent window are in every row; the
+    sequence holds just the pages its longest row needs."""
     budget = 40  # PyramidKV's first layer keeps about twice this: still below the prompt
     sp = SparsityConfig.model_validate(evict(method, budget, n_sink=2) if method != "streamingllm" else evict(method, budget))
     p = sp.kv.eviction()
@@ -67,14 +68,23 @@ def test_budget_sinks_and_recent_per_layer_and_head(llm, dense, method):
             kv_len = seq.num_computed_tokens - seq.num_evicted_tokens
             st = engine.runner.evictor.states[seq.slot]
             generated = seq.num_computed_tokens - seq.num_prompt_tokens
-            if st.budgets is not None:  # evicted: every row keeps the largest row budget
-                assert kv_len <= int(st.budgets.max()) + (generated if p.one_shot else 0)
+            starts = torch.zeros_like(st.pos[..., 0]) if st.starts is None else st.starts
+            if st.budgets is not None:  # evicted
+                rows = kv_len - starts
+                assert torch.equal(rows, st.budgets + generated) if p.one_shot else (rows <= cap).all()
+                assert int(rows.max()) == kv_len  # the longest row sets the sequence's slots
                 per_layer = st.budgets.sum(1) if method == "adakv" else st.budgets[:, 0]
                 want = cap * (2 if method == "adakv" else 1)
                 assert (per_layer == want).all() if method != "pyramidkv" else int(per_layer.sum()) == 4 * cap
+                if method in ("pyramidkv", "adakv"):
+                    assert (rows != rows.max()).any()  # rows really differ
+                    frac = 1 - (seq.num_evicted_tokens + float(starts.double().mean())) / seq.num_computed_tokens
+                    assert abs(frac - float(rows.double().mean()) / seq.num_computed_tokens) < 1e-9
+            for i in range(st.pos.shape[0]):
+                for h in range(st.pos.shape[1]):
+                    live, dead = st.pos[i, h, int(starts[i, h]):kv_len], st.pos[i, h, :int(starts[i, h])]
+                    assert (live >= 0).all() and len(live.unique()) == len(live) and (dead == -1).all()
             pos = st.pos[..., :kv_len]
-            assert all(torch.equal(pos[i, h].sort().values, pos[i, h].sort().values.unique())
-                       for i in range(pos.shape[0]) for h in range(pos.shape[1]))
             for must in [*range(p.n_sink), *range(seq.num_computed_tokens - p.protected_recent(cap), seq.num_computed_tokens)]:
                 assert bool((pos == must).any(-1).all()), must
             assert -(-kv_len // 16) <= len(seq.block_table) <= kv_len // 16 + 1

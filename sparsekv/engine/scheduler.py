@@ -71,6 +71,7 @@ class Scheduler:
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
+        seq.num_unread_slots = 0.0
         self.on_release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

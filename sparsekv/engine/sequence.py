@@ -30,6 +30,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0
     num_evicted_tokens: int = 0  # computed tokens whose K/V eviction dropped (KV slots = computed - evicted)
+    num_unread_slots: float = 0.0  # KV slots held but not read, mean over (layer, KV head) rows (PyramidKV/AdaKV)
     cache_salt: int = field(init=False)  # prompt pages are shared only under equal prefill sparsity
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

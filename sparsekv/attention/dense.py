@@ -3,8 +3,8 @@
 CPU decode runs the whole group in one call of the compiled paged-decode kernel (reading pages
 in place, split-K over 2+ threads); where it cannot be built, the PyTorch path decodes request by
 request over in-place segments. Decode honours per-row lengths (BatchGroup.row_lens: eviction
-with per-layer or per-head budgets), reading only each KV head's kept tokens. Prefill runs SDPA's flash kernel per request. CUDA uses the
-Triton kernels with every page listed.
+with per-layer or per-head budgets), reading only each KV head's kept tokens. Prefill runs SDPA's
+flash kernel per request. CUDA uses the Triton kernels with every page listed.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ A row keeping c tokens fills slots [n - c, n) (its target; n - c is the row's st
 rows keep their own budgets): right-aligned, so its tokens end where the next token is written
 for every row, and the row reads one contiguous range. A row with h holes in its target has
 exactly h kept tokens outside it; those move into the holes, so only the displaced tokens are
-copied (one per row per decode step for H2O and StreamingLLM). Order within a row does not matter to attention: K is stored after RoPE.
-Pages the moves wrote go through the side tables' write hooks again (Quest's page bounds).
+copied (one per row per decode step for H2O and StreamingLLM). Order within a row does not
+matter to attention: K is stored after RoPE. Pages the moves wrote go through the side tables' write hooks again (Quest's page bounds).
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class SlotState:
     score: torch.Tensor  # float32 [L, Hkv, cap]: H2O's accumulated mass / SnapKV's pooled scores
     window_q: list[list[torch.Tensor]] = field(default_factory=list)
     budgets: torch.Tensor | None = None  # int64 [L, Hkv]: the last eviction's per-row budgets
-    starts: torch.Tensor | None = None  # int64 [L, Hkv]: each row's first kept slot (None: all 0)
+    starts: torch.Tensor | None = None  # int64 [L, Hkv] on the host: each row's first kept slot (None: all 0)
     known: int = 0  # KV slots whose positions are set (prefix-cache hits arrive without a step)
     done: bool = False  # a one-shot method has evicted (or had nothing to evict)
 
@@ -143,12 +143,13 @@ class Evictor:
                     continue
             keep, n, starts = picked
             copy_pages(cache, swaps or [])
-            st.known, st.starts = n, starts
+            st.known = n
             first = compact(cache, e.block_table, keep, n, (st.pos, st.score), starts)
             if starts is not None:  # slots below a row's start hold no token of it
                 dead = torch.arange(n, device=self.device) < starts.unsqueeze(-1)
                 st.pos[..., :n].masked_fill_(dead, -1)
                 st.score[..., :n].masked_fill_(dead, 0)
+            st.starts = None if starts is None else starts.cpu()  # read on the host every step: copied once
             out.append((e.key, n, first))
         self.entries = []
         return out
@@ -183,7 +184,7 @@ class Evictor:
         """int [L, Hkv]: KV slots each row of the request reads (the last of its kv_len), None
         where every row reads them all."""
         st = self.states.get(slot)
-        return None if st is None or st.starts is None else kv_len - st.starts.cpu()
+        return None if st is None or st.starts is None else kv_len - st.starts
 
     def unread_slots(self, slot: int) -> float:
         """Mean over rows of the KV slots the request holds below its rows' starts (PyramidKV and

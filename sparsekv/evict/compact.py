@@ -5,7 +5,8 @@ rows keep their own budgets): right-aligned, so its tokens end where the next to
 for every row, and the row reads one contiguous range. A row with h holes in its target has
 exactly h kept tokens outside it; those move into the holes, so only the displaced tokens are
 copied (one per row per decode step for H2O and StreamingLLM). Order within a row does not
-matter to attention: K is stored after RoPE. Pages the moves wrote go through the side tables' write hooks again (Quest's page bounds).
+matter to attention: K is stored after RoPE. Pages the moves wrote go through the side tables'
+write hooks again (Quest's page bounds).
 """
 from __future__ import annotations
 

@@ -111,8 +111,9 @@ def test_pages_return_to_the_pool(llm):
     assert outs[0].sparsity.kv_bytes_fraction == pytest.approx((BUDGET + GREEDY.max_tokens - 1) / (prompt_len + GREEDY.max_tokens - 1))
 
 
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])  # uniform rows, per-row lengths
 @pytest.mark.parametrize("cow", [True, False])
-def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
+def test_shared_prefix_is_never_mutated(tiny_llama4, cow, method):
     """A dense request shares its cached prompt pages with a second, longer one: the dense output
     is the same whether the second evicts or not, and so is a later request's that hits the
     cache after the eviction. The evicting one copies the shared pages it writes, so it gets
@@ -123,7 +124,7 @@ def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
     if not cow:
         bm.make_private = lambda seq, pages: None
     got, later = {}, {}
-    for other in (None, evict("snapkv", 40, window=8)):
+    for other in (None, evict(method, 40, window=8)):
         bm.cached.clear()
         llm.engine.add_request("dense", PROMPT, GREEDY, None)
         llm.engine.step()  # the dense prompt is computed and its pages cached
@@ -138,7 +139,7 @@ def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
         return
     bm.cached.clear()
     run(llm, [PROMPT])  # the dense prompt's pages cached, nobody holding them
-    unshared = run(llm, [PROMPT + OTHER], evict("snapkv", 40, window=8))[0]
+    unshared = run(llm, [PROMPT + OTHER], evict(method, 40, window=8))[0]
     assert close_logprobs(got[False]["other"].logprobs, unshared.logprobs)
 
 

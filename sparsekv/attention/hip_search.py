@@ -46,12 +46,12 @@ def tree_search(probe: Probe, lo: torch.Tensor, hi: torch.Tensor, keep: int, blo
     lo, hi: [U] in blocks of `block` tokens. Returns the selected blocks [U, keep], ascending,
     -1 past a unit's count (units with at most `keep` blocks keep all), and the rounds run.
     """
-    j = torch.arange(keep + 1, device=lo.device)
-    bounds = lo.view(-1, 1) + ((hi - lo).view(-1, 1) * j) // keep
-    s, e = bounds[:, :-1], bounds[:, 1:]
     rounds = tree_rounds(int((hi - lo).max()), keep)
     if isinstance(probe, TreeProbe):
         return probe.tree(lo, hi, keep, block, rounds, representative == "center"), rounds
+    j = torch.arange(keep + 1, device=lo.device)
+    bounds = lo.view(-1, 1) + ((hi - lo).view(-1, 1) * j) // keep
+    s, e = bounds[:, :-1], bounds[:, 1:]
     for _ in range(rounds):
         m = s + (e - s + 1) // 2
         cs, ce = torch.stack([s, m], 2).flatten(1), torch.stack([m, e], 2).flatten(1)  # position order

@@ -7,6 +7,7 @@ import torch
 
 from sparsekv.attention.backend import AttnShape, BackendParams, backend_class, live_backends
 from sparsekv.attention.context import ForwardContext, forward_context
+from sparsekv.attention.kernels import cpu_build
 from sparsekv.attention.metadata import AttnMetadata, RequestInput
 from sparsekv.attention.router import LayerRoute, build_routes
 from sparsekv.cache.compressed import CompressedKVCache, MustafarLayout
@@ -62,6 +63,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":  # build (or load) the CPU kernels now: a server is ready only once
+            cpu_build.available()      # they are, and its first request does not wait for a compile
         self.model = load_model(config.model, self.dtype, self.device, config.hf_overrides)
         a = self.model.args
         self.shape = AttnShape(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)

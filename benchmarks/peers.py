@@ -230,7 +230,8 @@ class Results:
             self.data["cells"][k] = {"wall_s": time.time() - t, **measure()}  # offline cells time themselves
         except Exception as e:  # one failed cell is recorded, the run goes on
             self.data["cells"][k] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
-        print(f"{k}: {'error' if 'error' in self.data['cells'][k] else 'done'} in {time.time() - t:.0f} s", flush=True)
+        got = self.data["cells"][k]
+        print(f"{k}: {'error' if 'error' in got else 'done'} in {got.get('wall_s', time.time() - t):.0f} s", flush=True)
         self.save()
 
     def save(self) -> None:

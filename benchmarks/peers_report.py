@@ -85,13 +85,15 @@ def write(data: dict, stem: Path) -> list[Path]:
     """stem-METRIC-cN.png per figure and stem.md (the tables, with the CPU); returns the paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [plot(data, m, c, stem.with_name(f"{stem.name}-{m}-c{c}.png"))
-             for c in concurrencies(data) for m in METRICS]
+             for c in concurrencies(data) for m in METRICS if series(data, m, c)]
     cpu = data.get("cpu", {})
     lines = [f"CPU: {cpu.get('model')}, {cpu.get('cores')} cores, {' '.join(cpu.get('isa', []))}; "
              f"model {Path(data.get('model', '')).name}", ""]
     for c in concurrencies(data):
         lines += table(data, c) + [""]
     lines += eval_table(data)
+    failed = [f"- {name}: {info['setup_error']}" for name, info in data["peers"].items() if "setup_error" in info]
+    lines += ["", "Could not be set up:", "", *failed] if failed else []
     md = stem.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return [*paths, md]

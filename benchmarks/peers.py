@@ -105,7 +105,8 @@ def server_command(v: Variant, py: Path, model: str, port: int, args, work: Path
         cfg = work / "sparsity.json"
         cfg.write_text(preset(v.options["preset"]).model_dump_json())
         cmd = [str(py), "-m", "sparsekv.cli", "serve", "--model", model, "--served-model-name", "m", "--port", str(port),
-               "--max-model-len", max_len, "--dtype", "float32", "--sparsity-config", str(cfg)]
+               "--max-model-len", max_len, "--dtype", "float32", "--sparsity-config", str(cfg),
+               "--kv-cache-memory", str(args.kv_cache_gb * 2**30)]
         cmd += ["--hf-overrides", json.dumps({"rope_scaling": scaled})] if scaled else []
     elif v.peer == "llama_cpp":
         cmd = [str(py), "-m", "llama_cpp.server", "--model", model, "--model_alias", "m", "--host", "127.0.0.1",
@@ -182,7 +183,7 @@ def run_offline(v: Variant, py: Path, model: str, args, results: "Results") -> N
     todo = [(n, c) for n, c in cells(args) if not results.done(key(v, n, c))]
     tok = load_tokenizer(args.model)
     prompts = {n: random_prompts(tok, args.num_prompts, n, 0) for n in {n for n, _ in todo}}  # bench serve's seed
-    options = dict(v.options)
+    options = {**v.options, "cache_size_gb": args.kv_cache_gb}
     if v.peer == "transformers":
         scaled = rope(args, args.context)
         options["config"] = {"rope_scaling": scaled} if scaled else {}
@@ -258,7 +259,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-tasks", default="passkey,niah_single")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="every peer's thread count")
     ap.add_argument("--evict-budget", type=int, default=2048, help="OpenVINO's max_cache_size (tokens)")
-    ap.add_argument("--kv-cache-gb", type=int, default=4, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--kv-cache-gb", type=int, default=8, help="the KV pool of sparsekv, vLLM and OpenVINO GenAI "
+                    "(8 x 16K tokens of the default model in F32 take 6 GiB)")
     ap.add_argument("--context", type=int, default=8192, help="the model's trained context (rope scaled past it)")
     ap.add_argument("--vllm-python", type=Path, default=Path("/work/venvs/vllm/bin/python"),
                     help="an existing vLLM CPU venv's python (installed as cache/venvs/vllm if it does not import)")

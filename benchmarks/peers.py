@@ -20,7 +20,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import httpx
 
 import peers_report
 import peers_setup as setup
-from sparsekv.bench.serve import _json_safe
 from vllm_plugin import free_port, wait_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +157,7 @@ def eval_cell(base: str, args, out: Path) -> dict:
     return {"rows": [{k: r[k] for k in ("task", "length", "score", "n", "n_failed")} for r in rows]}
 
 
-def run_server(v: Variant, py: Path, model: str, args, results: "Results") -> None:
+def run_server(v: Variant, py: Path, model: str, args, results: peers_report.Results) -> None:
     work = args.cache / "runs" / v.name
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -185,7 +183,7 @@ def run_server(v: Variant, py: Path, model: str, args, results: "Results") -> No
             proc.kill()
 
 
-def run_offline(v: Variant, py: Path, model: str, args, results: "Results") -> None:
+def run_offline(v: Variant, py: Path, model: str, args, results: peers_report.Results) -> None:
     from sparsekv.bench.serve import RequestResult, random_prompts, summarize
     from sparsekv.engine.loader import load_tokenizer
 
@@ -218,39 +216,6 @@ def run_offline(v: Variant, py: Path, model: str, args, results: "Results") -> N
                     "wall_s": body["duration"]}
         results.cell(key(v, n, c), summary)
         path.unlink(missing_ok=True)  # consumed: a rerun of a failed cell must not read it again
-
-
-class Results:
-    """The results JSON, rewritten whole (atomically) after every cell; failed cells, and cells
-    measured with another prompt count or output length, are measured again."""
-
-    def __init__(self, path: Path, meta: dict, shape: dict):
-        self.path, self.shape = path, shape
-        self.data = json.loads(path.read_text()) if path.exists() else {"peers": {}, "cells": {}}
-        self.data.update(meta)
-
-    def peer(self, name: str) -> dict:
-        return self.data["peers"].setdefault(name, {})
-
-    def done(self, k: str) -> bool:
-        cell = self.data["cells"].get(k, {"error": None})
-        return "error" not in cell and all(cell.get(f) == v for f, v in self.shape.items())
-
-    def cell(self, k: str, measure) -> None:
-        t = time.time()
-        try:
-            self.data["cells"][k] = {"wall_s": time.time() - t, **measure(), **self.shape}  # offline: own wall_s
-        except Exception as e:  # one failed cell is recorded, the run goes on
-            self.data["cells"][k] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
-        got = self.data["cells"][k]
-        print(f"{k}: {'error' if 'error' in got else 'done'} in {got.get('wall_s', time.time() - t):.0f} s", flush=True)
-        self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_json_safe(self.data), indent=1))
-        tmp.replace(self.path)
 
 
 def parse_args() -> argparse.Namespace:
@@ -295,9 +260,8 @@ def main() -> None:
     args = parse_args()
     config = {k: getattr(args, k) for k in ("lengths", "concurrency", "num_prompts", "output_len", "threads")}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    results = Results(args.output, {"cpu": setup.cpu_info(), "model": args.model, "last_config": config,
-                                    "sparsekv_commit": commit.stdout.strip()},
-                      {"num_prompts": args.num_prompts, "output_len": args.output_len})
+    meta = {"cpu": setup.cpu_info(), "model": args.model, "last_config": config, "sparsekv_commit": commit.stdout.strip()}
+    results = peers_report.Results(args.output, meta, {"num_prompts": args.num_prompts, "output_len": args.output_len})
     for v in [] if args.report_only else catalogue(args):
         info = results.peer(v.name)
         info.update(peer=v.peer, precision=v.precision, options=v.options)

@@ -1,10 +1,47 @@
-"""Figures and the markdown table of benchmarks/peers.py's results JSON: one PNG per (metric,
-concurrency), median over the prompts against input length, one line per variant."""
+"""benchmarks/peers.py's results JSON (kept cell by cell), its figures and its markdown tables: one
+PNG per (metric, concurrency), median over the prompts against input length, one line per variant."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
+from sparsekv.bench.serve import _json_safe
+
 METRICS = {"ttft": "median TTFT (ms)", "tpot": "median TPOT (ms)", "output_throughput": "output tok/s"}
+
+
+class Results:
+    """The results JSON, rewritten whole (atomically) after every cell; failed cells, and cells
+    measured with another prompt count or output length, are measured again."""
+
+    def __init__(self, path: Path, meta: dict, shape: dict):
+        self.path, self.shape = path, shape
+        self.data = json.loads(path.read_text()) if path.exists() else {"peers": {}, "cells": {}}
+        self.data.update(meta)
+
+    def peer(self, name: str) -> dict:
+        return self.data["peers"].setdefault(name, {})
+
+    def done(self, k: str) -> bool:
+        cell = self.data["cells"].get(k, {"error": None})
+        return "error" not in cell and all(cell.get(f) == v for f, v in self.shape.items())
+
+    def cell(self, k: str, measure) -> None:
+        t = time.time()
+        try:
+            self.data["cells"][k] = {"wall_s": time.time() - t, **measure(), **self.shape}  # offline: own wall_s
+        except Exception as e:  # one failed cell is recorded, the run goes on
+            self.data["cells"][k] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        got = self.data["cells"][k]
+        print(f"{k}: {'error' if 'error' in got else 'done'} in {got.get('wall_s', time.time() - t):.0f} s", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_json_safe(self.data), indent=1))
+        tmp.replace(self.path)
 
 
 def series(data: dict, metric: str, conc: int) -> dict[str, list[tuple[int, float]]]:

@@ -15,7 +15,6 @@ from sparsekv.engine.loader import load_tokenizer, read_config
 from tiny_gguf import build_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import peers  # noqa: E402
 import peers_offline  # noqa: E402
 import peers_report  # noqa: E402
 from peers_setup import write_gguf_as  # noqa: E402
@@ -59,12 +58,12 @@ def test_offline_transformers_times_every_token(tiny):
 def test_results_keep_finished_cells_and_retry_failed(tmp_path):
     path = tmp_path / "peers.json"
     shape = {"num_prompts": 2, "output_len": 16}
-    res = peers.Results(path, {"cpu": {}}, shape)
+    res = peers_report.Results(path, {"cpu": {}}, shape)
     res.cell("a|2048|c1", lambda: {"median_ttft_ms": 1.0, "median_tpot_ms": 2.0})
     res.cell("b|2048|c1", lambda: 1 / 0)
-    again = peers.Results(path, {"cpu": {}}, shape)
+    again = peers_report.Results(path, {"cpu": {}}, shape)
     assert again.done("a|2048|c1") and not again.done("b|2048|c1")
-    assert not peers.Results(path, {}, {**shape, "output_len": 64}).done("a|2048|c1")  # another shape: rerun
+    assert not peers_report.Results(path, {}, {**shape, "output_len": 64}).done("a|2048|c1")  # another shape: rerun
     assert "ZeroDivisionError" in again.data["cells"]["b|2048|c1"]["error"]
     again.peer("a")["precision"] = "f32"
     again.peer("c")["setup_error"] = "RuntimeError: no compiler"

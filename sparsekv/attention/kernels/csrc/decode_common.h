@@ -30,25 +30,49 @@ inline float widen(c10::BFloat16 x) {
   return f;
 }
 
-// e^x for x <= 0 in plain arithmetic, so the softmax loops vectorise (libm's expf is a call):
-// 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by a degree-6 Taylor series (rel. err ~1e-7).
-inline float exp_neg(float x) {
-  const float t = std::max(x, -87.f) * 1.4426950409f;
-  const float n = std::floor(t + 0.5f);
-  const float f = (t - n) * 0.6931471806f;
-  const float p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // 16 floats: AVX-512 registers where the CPU has them, pairs of AVX2 registers otherwise.
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // for loads from any row
 constexpr int kLanes = 16;
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
 inline v16 load16(const float* src) { return *reinterpret_cast<const v16u*>(src); }
+inline v16 splat(float x) { return v16{} + x; }
+
+// e^x for x <= 0 on 16 lanes in plain arithmetic (libm's expf is a call, and the compiler left
+// a scalar version of this unvectorised): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f
+// by a degree-6 Taylor series (rel. err ~1e-7); below -87 it flushes towards 0.
+inline v16 exp_neg(v16 x) {
+  const v16 t = (x > -87.f ? x : splat(-87.f)) * 1.4426950409f;
+  const v16i n = -__builtin_convertvector(0.5f - t, v16i);  // 0.5 - t > 0: truncation is floor
+  const v16 f = (t - __builtin_convertvector(n, v16)) * 0.6931471806f;
+  const v16 p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
+  return p * reinterpret_cast<v16>((n + 127) << 23);
+}
+
+// Max and sum over a vector's lanes by halving trees (a scalar chain costs 15 latencies).
+inline v16 swap_halves(v16 x, int level) {
+  switch (level) {
+    case 0: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 1: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  }
+}
+
+inline float lanes_max(v16 x) {
+  for (int level = 0; level < 4; ++level) {
+    const v16 y = swap_halves(x, level);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+
+inline float lanes_sum(v16 x) {
+  for (int level = 0; level < 4; ++level) x += swap_halves(x, level);
+  return x[0];
+}
 
 // Lane sums of 16 vectors as one vector (out[t] = sum of x[t]'s lanes): a shuffle tree that
 // halves the lanes of each pair per level, 15 adds for 16 dot products where 16 horizontal
@@ -106,9 +130,12 @@ inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, in
                         int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
   constexpr int V = D / kLanes;
   alignas(64) float s[kMaxPageSize + kLanes];
+  v16 lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
   for (int g = 0; g < G; ++g) {
     v16 qv[V];
     for (int c = 0; c < V; ++c) qv[c] = load16(qf + g * D + c * kLanes);
+    v16 top = splat(m[g]);
     for (int t0 = 0; t0 < n; t0 += kLanes) {
       v16 part[kLanes];
       const int rows = std::min(kLanes, n - t0);
@@ -120,17 +147,19 @@ inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, in
         }
         part[t] = a;
       }
-      *reinterpret_cast<v16u*>(s + t0) = lane_sums(part);
+      const v16 sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
+      *reinterpret_cast<v16u*>(s + t0) = sc;
+      top = top > sc ? top : sc;
     }
-    float mx = m[g];
-    for (int t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-    const float alpha = exp_neg(m[g] - mx);
-    float sum = 0.f;
-    for (int t = 0; t < n; ++t) {
-      s[t] = exp_neg(s[t] - mx);
-      sum += s[t];
+    const float mx = lanes_max(top);
+    const float alpha = exp_neg(splat(m[g] - mx))[0];
+    v16 sum = {};
+    for (int t0 = 0; t0 < n; t0 += kLanes) {
+      const v16 e = exp_neg(load16(s + t0) - mx);
+      *reinterpret_cast<v16u*>(s + t0) = e;
+      sum += e;
     }
-    l[g] = l[g] * alpha + sum;
+    l[g] = l[g] * alpha + lanes_sum(sum);
     m[g] = mx;
     v16 o[V];
     for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha;

@@ -32,7 +32,10 @@ namespace {
 
 using namespace sparsekv_decode;
 
-constexpr int kBlockRows = 32;  // tokens expanded, then attended, at a time: K and V rows stay in L1
+// Tokens expanded, then attended, at a time (across pages): K and V rows (16 KiB each) stay in
+// L1, and the softmax's per-call work (rescale, reductions) is shared by more tokens.
+template <int D>
+constexpr int kBlockRows = 4096 / D;
 constexpr int kPrefetchPages = 2;  // records of the page this far ahead are requested
 
 #ifdef SPARSEKV_EXPAND_AVX512
@@ -116,14 +119,16 @@ inline void prefetch_records(const Params<T>& p, int64_t phys, int64_t h, int n)
 template <typename T, int D>
 bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float* __restrict__ m,
               float* __restrict__ l) {
+  constexpr int R = kBlockRows<D>;
   const int64_t len = p.nc[it.b], h = it.h, ps = p.page_size;
   alignas(64) float qf[kMaxG * D];
-  alignas(64) float kbuf[kBlockRows * D];
-  alignas(64) float vbuf[kBlockRows * D];
+  alignas(64) float kbuf[R * D];
+  alignas(64) float vbuf[R * D];
   alignas(64) float wide[std::is_same_v<T, float> ? 1 : D];
   load_queries<T, D>(p.q, p.sq_b, p.sq_h, it, p.G, p.scale, qf);
   reset_state<D>(p.G, acc, m, l);
   bool ok = true;
+  int filled = 0;
   for (int i = it.lo; i < it.hi; ++i) {
     const int n = static_cast<int>(std::min<int64_t>(ps, len - i * ps));
     const int64_t phys = p.bt[it.b * p.sbt + i];
@@ -140,13 +145,21 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
     const uint8_t* ki = p.ki + phys * p.ski[0] + h * p.ski[1];
     const T* vc = p.vc + phys * p.sv[0] + h * p.sv[1];
     const uint8_t* vi = p.vi + phys * p.svi[0] + h * p.svi[1];
-    for (int t0 = 0; t0 < n; t0 += kBlockRows) {
-      const int rows = std::min(kBlockRows, n - t0);
-      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], ki + t0 * p.ski[2], p.ski[2], p.k_keep, rows, wide, kbuf);
-      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vi + t0 * p.svi[2], p.svi[2], p.v_keep, rows, wide, vbuf);
-      attend_rows<D>(qf, p.G, kbuf, D, vbuf, D, rows, acc, m, l);
+    for (int t0 = 0; t0 < n;) {
+      const int rows = std::min(R - filled, n - t0);
+      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], ki + t0 * p.ski[2], p.ski[2], p.k_keep, rows, wide,
+                        kbuf + filled * D);
+      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vi + t0 * p.svi[2], p.svi[2], p.v_keep, rows, wide,
+                        vbuf + filled * D);
+      filled += rows;
+      t0 += rows;
+      if (filled == R) {
+        attend_rows<D>(qf, p.G, kbuf, D, vbuf, D, filled, acc, m, l);
+        filled = 0;
+      }
     }
   }
+  if (filled) attend_rows<D>(qf, p.G, kbuf, D, vbuf, D, filled, acc, m, l);
   return ok;
 }
 

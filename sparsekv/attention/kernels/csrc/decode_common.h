@@ -161,13 +161,20 @@ inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, in
     }
     l[g] = l[g] * alpha + lanes_sum(sum);
     m[g] = mx;
-    v16 o[V];
-    for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha;
-    for (int t = 0; t < n; ++t) {
+    v16 o[V], o2[V];  // even and odd rows: two FMA chains per chunk, where one waits on latency
+    for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha, o2[c] = v16{};
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
       const float* vr = vp + t * vs;
-      for (int c = 0; c < V; ++c) o[c] += s[t] * load16(vr + c * kLanes);
+      for (int c = 0; c < V; ++c) {
+        o[c] += s[t] * load16(vr + c * kLanes);
+        o2[c] += s[t + 1] * load16(vr + vs + c * kLanes);
+      }
     }
-    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[c];
+    if (t < n) {
+      for (int c = 0; c < V; ++c) o[c] += s[t] * load16(vp + t * vs + c * kLanes);
+    }
+    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[c] + o2[c];
   }
 }
 

@@ -6,16 +6,21 @@ sequences: the most and the mean sequences running per step, output tok/s, preem
 kept KV fraction; dense vs each method at --budget. (The same through the server:
 `sparsekv bench serve --kv-cache-memory 1073741824 --max-concurrency 32 --input-len 8192
 --output-len 128 --kv-evict snapkv --kv-budget 1024 --output DIR`.)
-Decode: seconds per decode step at each of --contexts for a --decode-batch of sequences whose
-KV is filled with random values as if prefilled: dense reads the whole context, H2O and
-StreamingLLM hold --budget tokens and evict one per row every step (scores included), and the
-one-shot methods (SnapKV, PyramidKV, AdaKV) decode densely over the tokens they kept, so they
-are timed as dense over --budget tokens (PyramidKV/AdaKV keep their largest row budget).
-Writes results/<name>.json and .png.
+Decode: seconds per decode step at each of --contexts and --decode-budgets for a --decode-batch
+of sequences whose KV is filled with random values as if prefilled, through the engine's real
+step with each method's config: dense reads the whole context; H2O and StreamingLLM hold the
+budget and evict one token per row every step (scores included); the one-shot methods (SnapKV,
+PyramidKV, AdaKV) start as just after their eviction (their per-row budgets from the method's
+own rule, AdaKV's from random scores), so each (layer, KV head) row reads its own kept length.
+kv_read_tokens is the mean row length read per step, kv_tokens the slots (pages) held.
+Writes results/<name>.json after every finished row (a time cap loses nothing finished) and
+the .png at the end (`--plot-only` redraws it from the JSON).
 
     python benchmarks/eviction_capacity.py                          # the issue's sizes
     python benchmarks/eviction_capacity.py --input-len 256 --output-len 8 --num-prompts 6 \\
-        --budget 64 --kv-cache-memory 8000000 --contexts 512 --name eviction-tiny   # a smoke run
+        --budget 64 --kv-cache-memory 8000000 --contexts 512 --decode-budgets 64 --name eviction-tiny
+    python benchmarks/eviction_capacity.py --skip-capacity --contexts 16384,32768,65536 \\
+        --decode-budgets 1024,2048 --name eviction-decode          # decode step time only
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from sparsekv.config import SparsityConfig
+
 RESULTS = Path(__file__).parent / "results"
 METHODS = "dense,streamingllm,h2o,snapkv,pyramidkv,adakv"
 
@@ -36,18 +43,19 @@ def sparsity(method: str, budget: int) -> dict:
     return {} if method == "dense" else {"kv": {"evict": method, "budget": budget}}
 
 
-def engine_for(args, method: str, max_len: int, kv_bytes: int, max_seqs: int):
+def engine_for(args, method: str, budget: int, max_len: int, kv_bytes: int, max_seqs: int):
     from sparsekv.config import EngineConfig, SparsityConfig
     from sparsekv.engine.llm_engine import LLMEngine
     return LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv_bytes,
                                   enable_prefix_caching=False,
-                                  sparsity=SparsityConfig.model_validate(sparsity(method, args.budget))))
+                                  sparsity=SparsityConfig.model_validate(sparsity(method, budget))))
 
 
 def capacity(args, method: str) -> dict:
     from sparsekv.engine.sampling_params import SamplingParams
-    engine = engine_for(args, method, args.input_len + args.output_len + 16, args.kv_cache_memory, args.max_concurrency)
+    engine = engine_for(args, method, args.budget, args.input_len + args.output_len + 16, args.kv_cache_memory,
+                        args.max_concurrency)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     for i in range(args.num_prompts):
@@ -70,36 +78,58 @@ def capacity(args, method: str) -> dict:
     return row
 
 
-def decode_step(args, method: str, context: int) -> dict:
+def one_shot_rows(params, budget: int, context: int, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """int64 [L, Hkv]: the tokens each row keeps right after a one-shot eviction, by the method's
+    own budget rule (scores random: they shape only AdaKV's split across heads)."""
+    scores = torch.rand(*shape, context, generator=g)
+    free = torch.ones_like(scores, dtype=torch.bool)
+    free[..., :params.n_sink] = False
+    free[..., context - params.window:] = False
+    protected = params.n_sink + params.window
+    return params.row_budgets(budget, scores, free, protected).clamp(min=protected, max=context)
+
+
+def decode_step(args, method: str, context: int, budget: int) -> dict:
     """Seconds per decode step, sequences as if prefilled (see the module docstring)."""
-    from sparsekv.engine.sampling_params import SamplingParams
-    from sparsekv.engine.sequence import Sequence, SequenceStatus
     from sparsekv.cache.kv_cache import KVCache
     from sparsekv.engine.loader import read_config
     from sparsekv.engine.model_runner import DTYPES
-    timed = method if method in ("dense", "h2o", "streamingllm") else "dense"
-    kept = context if method == "dense" else min(context, args.budget)
-    steps, max_len = args.decode_steps, context + args.decode_steps + 16
+    from sparsekv.engine.sampling_params import SamplingParams
+    from sparsekv.engine.sequence import Sequence, SequenceStatus
+    from sparsekv.evict.evictor import SlotState
+
     cfg = read_config(args.model)
-    per_page = KVCache.bytes_per_page(cfg["num_hidden_layers"], 16, cfg["num_key_value_heads"],
+    shape = (cfg["num_hidden_layers"], cfg["num_key_value_heads"])
+    g = torch.Generator().manual_seed(0)
+    params = None if method == "dense" else SparsityConfig.model_validate(sparsity(method, budget)).kv.eviction()
+    rows = None
+    if params is not None and params.one_shot:
+        rows = one_shot_rows(params, budget, context, shape, g)
+    kept = context if params is None else int(rows.max()) if rows is not None else min(context, budget)
+    steps, max_len = args.decode_steps, context + args.decode_steps + 16
+    per_page = KVCache.bytes_per_page(shape[0], 16, shape[1],
                                       cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                                       DTYPES.get(args.dtype, torch.float32))
-    pages = max(args.decode_batch * (kept // 16 + 2), -(-max_len // 16)) + 4
-    engine = engine_for(args, timed, max_len, pages * per_page, args.decode_batch)
+    pages = max(args.decode_batch * ((kept + steps) // 16 + 2), -(-max_len // 16)) + 4
+    engine = engine_for(args, method, budget, max_len, pages * per_page, args.decode_batch)
     for kv in engine.runner.kv_cache.layers:
         kv.k.normal_(0, 1)
         kv.v.normal_(0, 1)
-    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
-    g = torch.Generator().manual_seed(0)
+    sampling = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
     for i in range(args.decode_batch):
         ids = torch.randint(100, 1000, (context,), generator=g).tolist()
-        seq = Sequence(str(i), 0, ids, params, engine.config.sparsity)
+        seq = Sequence(str(i), 0, ids, sampling, engine.config.sparsity)
         assert engine.block_manager.allocate(seq, kept)
         seq.num_computed_tokens, seq.num_evicted_tokens = context, context - kept
         seq.token_ids.append(ids[-1])
         seq.status = SequenceStatus.RUNNING
         engine.scheduler.running.append(seq)
         engine.requests[str(i)] = [seq]
+        if rows is not None:  # the state a one-shot eviction leaves: done, rows right-aligned below kept
+            slot = engine.runner.slot(seq)
+            engine.runner.evictor.states[slot] = SlotState(
+                torch.zeros(*shape, kept, dtype=torch.long), torch.zeros(*shape, kept), [[] for _ in range(shape[0])],
+                budgets=rows, starts=None if bool((rows == kept).all()) else kept - rows, known=kept, done=True)
     engine.step()  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
@@ -107,7 +137,9 @@ def decode_step(args, method: str, context: int) -> dict:
     step = (time.perf_counter() - t) / steps
     del engine
     gc.collect()
-    return {"method": method, "context": context, "kv_tokens": kept, "batch": args.decode_batch, "step_s": step}
+    read = context if params is None else float(rows.double().mean()) if rows is not None else kept
+    return {"method": method, "context": context, "budget": None if params is None else budget, "kv_tokens": kept,
+            "kv_read_tokens": read, "batch": args.decode_batch, "step_s": step}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -126,15 +158,16 @@ def plot(result: dict, path: Path) -> None:
         axes[1].set_title("output tok/s")
         for ax in axes[:2]:
             ax.tick_params(axis="x", rotation=30)
-    for method in dict.fromkeys(r["method"] for r in result["decode"]):
-        rows = [r for r in result["decode"] if r["method"] == method]
-        axes[2].plot([r["context"] for r in rows], [r["step_s"] * 1e3 for r in rows], marker="o", label=method)
+    for method, budget in dict.fromkeys((r["method"], r.get("budget")) for r in result["decode"]):
+        rows = [r for r in result["decode"] if (r["method"], r.get("budget")) == (method, budget)]
+        axes[2].plot([r["context"] for r in rows], [r["step_s"] * 1e3 for r in rows], marker="o",
+                     label=method if budget is None else f"{method} {budget}")
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("context")
     axes[2].set_ylabel("ms / decode step")
     axes[2].legend()
     axes[2].set_title(f"decode step, batch {result['args']['decode_batch']}")
-    fig.suptitle(f"eviction at budget {result['args']['budget']}")
+    fig.suptitle(f"eviction at budget {result['args']['budget']} (capacity)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -152,28 +185,39 @@ def main() -> None:
     p.add_argument("--max-concurrency", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--contexts", default="16384,32768,65536")
+    p.add_argument("--decode-budgets", default="1024,2048", help="budgets of the decode step rows")
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--name", default="eviction")
+    p.add_argument("--plot-only", action="store_true", help="redraw the .png from results/<name>.json")
     args = p.parse_args()
+    path = RESULTS / f"{args.name}.json"
+    if args.plot_only:
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return
     if args.model is None:
         from sparsekv.config import default_model
         args.model = default_model()
     methods = args.methods.split(",")
     result = {"args": vars(args), "capacity": [], "decode": []}
+    RESULTS.mkdir(exist_ok=True)
+
+    def add(part: str, row: dict) -> None:
+        result[part].append(row)
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)
+
     if not args.skip_capacity:
         for m in methods:
-            result["capacity"].append(capacity(args, m))
-            print(json.dumps(result["capacity"][-1]), flush=True)
+            add("capacity", capacity(args, m))
+    budgets = [int(x) for x in args.decode_budgets.split(",") if x]
     for c in (int(x) for x in args.contexts.split(",") if x):
         for m in methods:
-            result["decode"].append(decode_step(args, m, c))
-            print(json.dumps(result["decode"][-1]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / f"{args.name}.png")
-    print(f"wrote {RESULTS / args.name}.json and .png")
+            for b in budgets[:1] if m == "dense" else budgets:
+                add("decode", decode_step(args, m, c, b))
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and .png")
 
 
 if __name__ == "__main__":

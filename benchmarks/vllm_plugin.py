@@ -135,6 +135,7 @@ def plugin_dist(root: Path) -> Path:
 
 
 def main() -> None:
+    from sparsekv.bench.bandwidth import cpu_description
     from sparsekv.config import default_model
     from sparsekv.vllm_plugin.checkpoint import export_hf
 
@@ -153,17 +154,60 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=10, help="0 skips the eval")
     ap.add_argument("--eval-tasks", default="niah_single,vt")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_plugin")
+    ap.add_argument("--rerun", action="store_true", help="measure runs the results JSON already holds again")
     args = ap.parse_args()
     args.model = args.model or default_model()
     args.hf_model = str(export_hf(args.model, args.output / "hf-model"))
     args.plugin_path = plugin_dist(args.output)
     path = args.output / "results.json"  # runs of earlier invocations (other --engines/--methods) are kept
     results = json.loads(path.read_text()) if path.exists() else {"model": args.model, "runs": {}}
+    results.update(machine=cpu_description(), vllm=vllm_version(args.vllm_python), dtype=args.dtype)
     for method in args.methods.split(","):
         for engine in args.engines.split(","):
-            results["runs"][f"{engine}-{method}"] = run_engine(args, engine, method, args.output)
+            name = f"{engine}-{method}"
+            if name in results["runs"] and not args.rerun and done_lengths(results["runs"][name]) >= set(args.lengths):
+                print(f"{name}: done, kept (--rerun to measure again)")
+                continue
+            results["runs"][name] = run_engine(args, engine, method, args.output)
             path.write_text(json.dumps(results, indent=1))
+    plot(results, args.output / "vllm_plugin.png")
     print(f"results: {path}")
+
+
+def done_lengths(row: dict) -> set[int]:
+    return {int(n) for n in row.get("bench", {})}
+
+
+def vllm_version(python: str) -> str | None:
+    try:
+        return subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
+                              timeout=300).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def plot(results: dict, path: Path) -> None:
+    """Median TTFT and TPOT per run and prompt length (one bar group per length)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    lengths = sorted({int(n) for r in runs.values() for n in r.get("bench", {})})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(runs))
+    for ax, metric in zip(axes, ("median_ttft_ms", "median_tpot_ms")):
+        for i, (name, r) in enumerate(sorted(runs.items())):
+            ys = [r.get("bench", {}).get(str(n), {}).get(metric) or 0 for n in lengths]
+            ax.bar([j + i * width for j in range(len(lengths))], ys, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
+        ax.set_xlabel("input tokens")
+        ax.set_ylabel(metric.replace("_", " "))
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"vLLM {results.get('vllm')} dense vs + sparsekv plugin, and sparsekv serve "
+                 f"({results['machine']['cpu']}, {results.get('dtype')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

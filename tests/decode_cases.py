@@ -22,10 +22,14 @@ class Case:
     def kv(self):
         return self.cache.layers[0]
 
-    def plan(self, be, only: list[int] | None = None, num_layers: int = 8) -> Plan:
-        """One decode step's plan for all (or `only` these) sequences, as the engine makes it."""
+    def plan(self, be, only: list[int] | None = None, num_layers: int = 8,
+             row_lens: list[torch.Tensor | None] | None = None) -> Plan:
+        """One decode step's plan for all (or `only` these) sequences, as the engine makes it;
+        row_lens: per sequence, its [layers, Hkv] row lengths or None (RequestInput.row_lens)."""
         idx = only if only is not None else list(range(len(self.lens)))
-        reqs = [RequestInput(1, self.lens[i], self.tables[i].tolist(), "decode", slot=i) for i in idx]
+        rows = row_lens or [None] * len(self.lens)
+        reqs = [RequestInput(1, self.lens[i], self.tables[i].tolist(), "decode", slot=i, row_lens=rows[i])
+                for i in idx]
         meta = AttnMetadata.build(reqs, self.cache.page_size, torch.device("cpu"))
         hq, hkv, d = self.q.shape[1], self.kv.k.shape[1], self.q.shape[2]
         for spec in be.kv_spec:

@@ -1,5 +1,6 @@
 """Compiled CPU paged decode against a plain PyTorch reference (gather pages, matmul, softmax,
-matmul): dense and page-list decode, GQA groups, head dims, fp32 and bf16, partial pages."""
+matmul): dense and page-list decode, GQA groups, head dims, fp32 and bf16, partial pages,
+per-(sequence, KV head) row lengths."""
 from __future__ import annotations
 
 import shutil
@@ -18,8 +19,9 @@ PS = 16
 LENS = [1, 16, 300, 77, 129]  # length 1, one full page, partial last pages
 
 
-def reference(q, k, v, block_table, seq_lens, scale, page_lists=None):
-    """Per sequence and query head: the listed (or all) readable tokens, softmax in fp32."""
+def reference(q, k, v, block_table, seq_lens, scale, page_lists=None, row_lens=None):
+    """Per sequence and query head: the listed (or all) readable tokens (the last row_lens[b, h]
+    of them where given), softmax in fp32."""
     b_n, hq, d = q.shape
     hkv, ps = k.shape[1], k.shape[2]
     g_n = hq // hkv
@@ -28,9 +30,10 @@ def reference(q, k, v, block_table, seq_lens, scale, page_lists=None):
     for b in range(b_n):
         length = int(seq_lens[b])
         for h in range(hkv):
+            first = 0 if row_lens is None else length - int(row_lens[b, h])
             pages = range((length + ps - 1) // ps) if page_lists is None else \
                 [int(p) for p in page_lists[b, h] if p >= 0]
-            pos = torch.tensor([p * ps + t for p in pages for t in range(ps) if p * ps + t < length],
+            pos = torch.tensor([p * ps + t for p in pages for t in range(ps) if first <= p * ps + t < length],
                                dtype=torch.long)
             if len(pos) == 0:
                 continue
@@ -131,6 +134,29 @@ def test_page_lists(dtype, expand):
     check(out, want, dtype)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("listed", [False, True])
+def test_row_lens_read_each_heads_last_tokens(dtype, listed):
+    """Per-(sequence, KV head) lengths: whole rows, empty rows, starts mid-page and on a page
+    boundary, alone and with page lists; full lengths equal no row lengths exactly."""
+    hq, hkv, d = 6, 3, 64
+    q, k, v, bt, lens = make_case(LENS, hq, hkv, d, dtype, seed=4)
+    rows = torch.tensor([[1, 0, 1], [16, 5, 9], [300, 100, 7], [77, 61, 32], [129, 1, 113]], dtype=torch.int32)
+    lists = None
+    if listed:
+        lists = torch.full((len(LENS), hkv, 9), -1, dtype=torch.int32)
+        for b, length in enumerate(LENS):
+            pages = torch.arange((length + PS - 1) // PS, dtype=torch.int32).flip(0)[:9]
+            lists[b, :, :len(pages)] = pages
+    out, lse = cpu_decode.paged_decode_cpu(q, k, v, bt, lens, 0.125, page_lists=lists, return_lse=True, row_lens=rows)
+    want, want_lse = reference(q, k, v, bt, lens, 0.125, page_lists=lists, row_lens=rows)
+    check(out, want, dtype)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    full = lens.view(-1, 1).expand(-1, hkv)
+    assert torch.equal(cpu_decode.paged_decode_cpu(q, k, v, bt, lens, 0.125, page_lists=lists, row_lens=full),
+                       cpu_decode.paged_decode_cpu(q, k, v, bt, lens, 0.125, page_lists=lists))
 
 
 def test_bad_physical_page_raises():

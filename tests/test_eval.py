@@ -203,6 +203,16 @@ def test_resume_skips_finished_and_retries_failed(count, tmp_path):
     assert len(fourth.calls) == 4
 
 
+def test_chunks_go_through_every_method_in_turn(count, tmp_path):
+    """Each chunk of samples runs under every method before the next (so a decode-side method
+    finds the chunk's prompts in dense's prefix cache)."""
+    fake = FakeRunner()
+    runner.evaluate(fake, _samples(count), {"dense": preset("dense"), "alt": SparsityConfig(dense_layers=(0,))},
+                    runner.Store(tmp_path / "samples.jsonl"), progress=False, chunk=2)
+    assert fake.calls == [("dense", 0), ("dense", 1), ("alt", 0), ("alt", 1),
+                          ("dense", 2), ("dense", 3), ("alt", 2), ("alt", 3)]
+
+
 def test_failures_count_as_zero_and_are_reported(count, tmp_path):
     records = runner.evaluate(FakeRunner(fail={0, 2}), _samples(count), {"dense": preset("dense")},
                               runner.Store(tmp_path / "samples.jsonl"), progress=False)

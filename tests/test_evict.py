@@ -53,9 +53,10 @@ def test_full_budget_equals_dense_exactly(llm, dense, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_sinks_and_recent_per_layer_and_head(llm, dense, method):
-    """After the prompt and at every decode step: each (layer, KV head) keeps the same count,
-    within the budget (one-shot methods grow by the tokens generated since), sinks and the
-    recent window in every row; the sequence holds just the pages its kept slots need."""
+    """After the prompt and at every decode step: each (layer, KV head) row keeps exactly its
+    own budget (one-shot methods grow by the tokens generated since), its live slots are the
+    last ones and hold distinct positions, sinks and the recent window are in every row; the
+    sequence holds just the pages its longest row needs."""
     budget = 40  # PyramidKV's first layer keeps about twice this: still below the prompt
     sp = SparsityConfig.model_validate(evict(method, budget, n_sink=2) if method != "streamingllm" else evict(method, budget))
     p = sp.kv.eviction()
@@ -67,14 +68,23 @@ def test_budget_sinks_and_recent_per_layer_and_head(llm, dense, method):
             kv_len = seq.num_computed_tokens - seq.num_evicted_tokens
             st = engine.runner.evictor.states[seq.slot]
             generated = seq.num_computed_tokens - seq.num_prompt_tokens
-            if st.budgets is not None:  # evicted: every row keeps the largest row budget
-                assert kv_len <= int(st.budgets.max()) + (generated if p.one_shot else 0)
+            starts = torch.zeros_like(st.pos[..., 0]) if st.starts is None else st.starts
+            if st.budgets is not None:  # evicted
+                rows = kv_len - starts
+                assert torch.equal(rows, st.budgets + generated) if p.one_shot else (rows <= cap).all()
+                assert int(rows.max()) == kv_len  # the longest row sets the sequence's slots
                 per_layer = st.budgets.sum(1) if method == "adakv" else st.budgets[:, 0]
                 want = cap * (2 if method == "adakv" else 1)
                 assert (per_layer == want).all() if method != "pyramidkv" else int(per_layer.sum()) == 4 * cap
+                if method in ("pyramidkv", "adakv"):
+                    assert (rows != rows.max()).any()  # rows really differ
+                    frac = 1 - (seq.num_evicted_tokens + float(starts.double().mean())) / seq.num_computed_tokens
+                    assert abs(frac - float(rows.double().mean()) / seq.num_computed_tokens) < 1e-9
+            for i in range(st.pos.shape[0]):
+                for h in range(st.pos.shape[1]):
+                    live, dead = st.pos[i, h, int(starts[i, h]):kv_len], st.pos[i, h, :int(starts[i, h])]
+                    assert (live >= 0).all() and len(live.unique()) == len(live) and (dead == -1).all()
             pos = st.pos[..., :kv_len]
-            assert all(torch.equal(pos[i, h].sort().values, pos[i, h].sort().values.unique())
-                       for i in range(pos.shape[0]) for h in range(pos.shape[1]))
             for must in [*range(p.n_sink), *range(seq.num_computed_tokens - p.protected_recent(cap), seq.num_computed_tokens)]:
                 assert bool((pos == must).any(-1).all()), must
             assert -(-kv_len // 16) <= len(seq.block_table) <= kv_len // 16 + 1
@@ -101,8 +111,9 @@ def test_pages_return_to_the_pool(llm):
     assert outs[0].sparsity.kv_bytes_fraction == pytest.approx((BUDGET + GREEDY.max_tokens - 1) / (prompt_len + GREEDY.max_tokens - 1))
 
 
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])  # uniform rows, per-row lengths
 @pytest.mark.parametrize("cow", [True, False])
-def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
+def test_shared_prefix_is_never_mutated(tiny_llama4, cow, method):
     """A dense request shares its cached prompt pages with a second, longer one: the dense output
     is the same whether the second evicts or not, and so is a later request's that hits the
     cache after the eviction. The evicting one copies the shared pages it writes, so it gets
@@ -113,7 +124,7 @@ def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
     if not cow:
         bm.make_private = lambda seq, pages: None
     got, later = {}, {}
-    for other in (None, evict("snapkv", 40, window=8)):
+    for other in (None, evict(method, 40, window=8)):
         bm.cached.clear()
         llm.engine.add_request("dense", PROMPT, GREEDY, None)
         llm.engine.step()  # the dense prompt is computed and its pages cached
@@ -128,8 +139,22 @@ def test_shared_prefix_is_never_mutated(tiny_llama4, cow):
         return
     bm.cached.clear()
     run(llm, [PROMPT])  # the dense prompt's pages cached, nobody holding them
-    unshared = run(llm, [PROMPT + OTHER], evict("snapkv", 40, window=8))[0]
+    unshared = run(llm, [PROMPT + OTHER], evict(method, 40, window=8))[0]
     assert close_logprobs(got[False]["other"].logprobs, unshared.logprobs)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "streamingllm"])
+def test_cached_prompt_gives_what_an_uncached_one_gives(llm, tiny_llama4, method):
+    """The same prompt already cached by a dense request: the scored queries (SnapKV's window,
+    H2O's whole prompt) are still computed, so eviction keeps what it keeps without the cache."""
+    cached = LLM(tiny_llama4, max_model_len=512, max_num_seqs=8)
+    run(cached, [PROMPT])
+    hits = cached.engine.block_manager.prefix_hits
+    got = run(cached, [PROMPT], evict(method))[0]
+    if method != "h2o":
+        assert cached.engine.block_manager.prefix_hits > hits
+    want = run(llm, [PROMPT], evict(method))[0]
+    assert got.token_ids == want.token_ids and close_logprobs(got.logprobs, want.logprobs)
 
 
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "streamingllm"])

@@ -2,6 +2,7 @@
 PyramidKV's and AdaKV's budgets, and compaction in the paged pool (side tables included)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparsekv.attention.paged import gather_kv
@@ -61,7 +62,10 @@ def test_adakv_shares_the_layer_budget_by_score():
     assert (AdaKVParams().row_budgets(72, scores, free, 32) == b + 32).all()
 
 
-def test_compact_moves_kept_tokens_and_refreshes_page_bounds():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_compact_moves_kept_tokens_and_refreshes_page_bounds(per_row):
+    """Each row's kept tokens end up in slots [start, n) (start 0, or n minus the row's own count:
+    right-aligned), with their positions; the written pages' bounds are recomputed."""
     torch.manual_seed(3)
     cache = KVCache(2, 12, 4, 2, 8, torch.float32, torch.device("cpu"), (PAGE_BOUNDS,))
     table, K, n = [7, 2, 9, 4, 11, 0], 22, 9
@@ -71,20 +75,23 @@ def test_compact_moves_kept_tokens_and_refreshes_page_bounds():
     for layer in range(2):
         cache.write(layer, torch.randn(K, 2, 8), torch.randn(K, 2, 8), idx)
     before = [gather_kv(kv, torch.tensor(table), K) for kv in cache.layers]
+    counts = torch.tensor([[9, 3], [6, 9]]) if per_row else torch.full((2, 2), n)
     keep = torch.zeros(2, 2, K, dtype=torch.bool)
     for layer in range(2):
         for h in range(2):
-            keep[layer, h, torch.randperm(K)[:n]] = True
+            keep[layer, h, torch.randperm(K)[:int(counts[layer, h])]] = True
+    starts = n - counts if per_row else None
     pos = torch.arange(K).repeat(2, 2, 1)
-    first = compact(cache, table, keep, n, (pos,))
+    first = compact(cache, table, keep, n, (pos,), starts)
     assert first is not None
     for layer, kv in enumerate(cache.layers):
         k, v = gather_kv(kv, torch.tensor(table), n)
         for h in range(2):
+            lo = n - int(counts[layer, h])
             kept = keep[layer, h].nonzero().flatten()
-            assert torch.equal(pos[layer, h, :n].sort().values, kept)  # positions moved with the tokens
-            assert torch.equal(k[h], before[layer][0][h, pos[layer, h, :n]])
-            assert torch.equal(v[h], before[layer][1][h, pos[layer, h, :n]])
+            assert torch.equal(pos[layer, h, lo:n].sort().values, kept)  # positions moved with the tokens
+            assert torch.equal(k[h, lo:], before[layer][0][h, pos[layer, h, lo:n]])
+            assert torch.equal(v[h, lo:], before[layer][1][h, pos[layer, h, lo:n]])
         for p in range((n - 1) // 4 + 1):  # the bounds of every written page equal a fresh computation
             rows = k[:, p * 4:min(n, p * 4 + 4)]
             assert torch.equal(kv.kmin[table[p]], rows.amin(1)) and torch.equal(kv.kmax[table[p]], rows.amax(1))

@@ -33,6 +33,24 @@ def test_dense_decode_matches_pytorch(hq, hkv, d):
         torch.testing.assert_close(lse[i], torch.logsumexp(logits, -1).flatten(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_row_lens_match_pytorch(listed):
+    """Per-(sequence, KV head) row lengths (eviction's per-layer/per-head budgets): empty rows,
+    starts mid-page and on page boundaries, with and without page lists."""
+    from sparsekv.attention.dense import dense_decode_torch
+
+    case = make_case(LENS, hq=6, hkv=3, d=16, seed=5)
+    rows = [torch.tensor([[300, 1, 130]]), torch.tensor([[0, 40, 17]]), None, torch.tensor([[16, 3, 16]])]
+    group = case.plan(backend("dense"), num_layers=1, row_lens=rows).group
+    lists = None
+    if listed:  # every page, newest first, so the result is the dense one
+        lists = torch.full((len(LENS), 3, 19), -1, dtype=torch.long)
+        for i, n in enumerate(LENS):
+            lists[i, :, :-(-n // 16)] = torch.arange(-(-n // 16)).flip(0)
+    out = paged_decode(case.q, case.kv, group, case.scale, page_lists=lists, row_lens=group.row_lens(0))
+    torch.testing.assert_close(out, dense_decode_torch(case.q, case.kv, group, case.scale), rtol=1e-5, atol=1e-5)
+
+
 def test_page_lists_match_pytorch():
     case = make_case(LENS, seed=1)
     g = torch.Generator().manual_seed(1)

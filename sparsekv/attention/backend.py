@@ -70,6 +70,9 @@ class AttentionBackend:
     phases: ClassVar[tuple[str, ...]]  # subset of ("prefill", "decode")
     Params: ClassVar[type[BackendParams]] = BackendParams
     kv_spec: ClassVar[tuple[KVSpec, ...]] = ()  # side tables this backend reads from the KV cache
+    # decode reads per-row lengths (BatchGroup.row_lens): with False, eviction keeps every
+    # (layer, KV head) row of a request at its longest row's length, so each reads its context
+    row_lens: ClassVar[bool] = False
 
     def __init__(self, params: BackendParams):
         self.params = params

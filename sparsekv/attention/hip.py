@@ -19,7 +19,7 @@ import torch
 from sparsekv.attention.backend import AttentionBackend, AttnShape, Plan, register
 from sparsekv.attention.block_sparse import attend_lists, pad_to, query_units, units_to_heads
 from sparsekv.attention.hip_plan import HiPParams, decode_pages, middle_blocks, prefill_lists, search
-from sparsekv.attention.hip_search import Probe, torch_probe
+from sparsekv.attention.hip_search import Probe, cpu_probe
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.page_select import decode_pages as attend_pages, decode_pages_triton
 from sparsekv.attention.paged import gather_kv, prefill_attention, request_kv
@@ -113,7 +113,7 @@ class HiPBackend(AttentionBackend):
         kp, vp = pad_to(k, geom.num_kblocks * bq, 0), pad_to(v, geom.num_kblocks * bq, 0)
         qp = pad_to(q.transpose(0, 1), geom.num_qblocks * bq, geom.pad_front)
         with torch.profiler.record_function("hip.select"):  # reported by `bench attention`
-            lists, counts, unit_kv, pairs = prefill_lists(p, q, geom, hkv, lambda qs, ukv: torch_probe(qs, kp, ukv))
+            lists, counts, unit_kv, pairs = prefill_lists(p, q, geom, hkv, lambda qs, ukv: cpu_probe(qs, kp, ukv))
         units = query_units(qp, hkv, geom.num_qblocks, shared)
         out = attend_lists(units, kp, vp, lists, counts, unit_kv, p.block_size_k, bq, scale)
         out = units_to_heads(out, hq, hkv, geom.num_qblocks, shared)
@@ -159,7 +159,7 @@ class HiPBackend(AttentionBackend):
 
     def decode_probe(self, qs: torch.Tensor, kv: LayerKV, group: BatchGroup, i: int) -> Probe:
         k, _ = gather_kv(kv, group.block_tables_cpu[i], group.seq_lens_cpu[i], group.page_runs[i])
-        return torch_probe(qs, k, torch.arange(qs.shape[0]))
+        return cpu_probe(qs, k, torch.arange(qs.shape[0]))
 
     def attend(self, q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list) -> torch.Tensor:
         return attend_pages(q, kv, plan, pages)

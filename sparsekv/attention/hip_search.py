@@ -5,16 +5,29 @@ A *unit* is one query block of one head (or of a GQA group, its queries stacked)
 choose only among the unit's middle keys, the range [lo, hi) between the sink and the sliding
 window, and see keys only through a `Probe`: the score of a key range for each unit, the max
 over the unit's queries and the range's keys of q.k. The probe is the whole cost (a Triton
-kernel on CUDA, `torch_probe` here); the branching and top-k bookkeeping stays in torch.
+kernel on CUDA; on the CPU the compiled probe, which also runs the whole tree in one call, or
+`torch_probe`, the reference); the branching and top-k bookkeeping stays in torch.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from sparsekv.attention.kernels import cpu_hip
+
 Probe = Callable[[torch.Tensor, int], torch.Tensor]  # (starts [U, C] in tokens, -1: none; width) -> [U, C]
+
+
+@runtime_checkable
+class TreeProbe(Protocol):
+    """A probe that runs tree_search's rounds itself (selecting exactly as the loop does)."""
+
+    def __call__(self, starts: torch.Tensor, width: int) -> torch.Tensor: ...
+
+    def tree(self, lo: torch.Tensor, hi: torch.Tensor, keep: int, block: int, rounds: int,
+             center: bool) -> torch.Tensor: ...
 
 
 def tree_rounds(num_blocks: int, keep: int) -> int:
@@ -26,20 +39,24 @@ def tree_search(probe: Probe, lo: torch.Tensor, hi: torch.Tensor, keep: int, blo
                 representative: str) -> tuple[torch.Tensor, int]:
     """HiP's top-k tree: `keep` nodes evenly partition each unit's blocks [lo, hi); each round
     splits every node in two, scores each half by its representative block (its first or its
-    center block) and keeps the best `keep` halves, until every node is one block.
+    center block) and keeps the best `keep` halves, until every node is one block. Ties go to
+    the earlier half (torch.topk left them unspecified): nodes stay in position order, so a
+    stable sort of the halves by score picks the same set on any device and in the fused CPU op.
 
     lo, hi: [U] in blocks of `block` tokens. Returns the selected blocks [U, keep], ascending,
     -1 past a unit's count (units with at most `keep` blocks keep all), and the rounds run.
     """
+    rounds = tree_rounds(int((hi - lo).max()), keep)
+    if isinstance(probe, TreeProbe):
+        return probe.tree(lo, hi, keep, block, rounds, representative == "center"), rounds
     j = torch.arange(keep + 1, device=lo.device)
     bounds = lo.view(-1, 1) + ((hi - lo).view(-1, 1) * j) // keep
     s, e = bounds[:, :-1], bounds[:, 1:]
-    rounds = tree_rounds(int((hi - lo).max()), keep)
     for _ in range(rounds):
         m = s + (e - s + 1) // 2
-        cs, ce = torch.cat([s, m], 1), torch.cat([m, e], 1)
+        cs, ce = torch.stack([s, m], 2).flatten(1), torch.stack([m, e], 2).flatten(1)  # position order
         score = probe(_representative(cs, ce, representative) * block, block)
-        top = score.topk(keep, dim=1).indices
+        top = score.sort(dim=1, descending=True, stable=True).indices[:, :keep].sort(dim=1).values
         s, e = cs.gather(1, top), ce.gather(1, top)
     return sorted_starts(s, e), rounds
 
@@ -138,3 +155,10 @@ def torch_probe(qs: torch.Tensor, k: torch.Tensor, unit_kv: torch.Tensor, budget
         return out.masked_fill_(starts < 0, float("-inf"))
 
     return probe
+
+
+def cpu_probe(qs: torch.Tensor, k: torch.Tensor, unit_kv: torch.Tensor) -> Probe:
+    """The compiled probe (a TreeProbe) where it builds and the inputs are fp32, else torch_probe."""
+    if cpu_hip.supports(qs, k) and cpu_hip.available():
+        return cpu_hip.CpuProbe(qs, k, unit_kv)
+    return torch_probe(qs, k, unit_kv)

@@ -37,6 +37,9 @@ class RequestInput:
     phase: str = "prefill"  # "decode": one generated token (q_len 1); "prefill": prompt tokens
     slot: int = 0  # the request's slot in backend-owned per-request state
     rope_len: int = 0  # sequence length that length-dependent rope (dynamic NTK) sees; 0: context_len
+    # int [num_layers, Hkv]: KV slots each (layer, KV head) row reads, the last ones before
+    # context_len (eviction with per-layer or per-head budgets); None: every row reads them all
+    row_lens: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -117,6 +120,12 @@ class BatchGroup:
         loc = self.meta.query_start_loc
         return loc[self.req_start + 1:self.req_end + 1] - loc[self.req_start:self.req_end]
 
+    def row_lens(self, layer: int, host: bool = False) -> torch.Tensor | None:
+        """int32 [n, Hkv] (device, or host mirror): the KV slots each KV head of each request
+        reads in `layer`, the last ones of its context; None: every row reads its whole context."""
+        t = self.meta.row_lens_cpu if host else self.meta.row_lens
+        return None if t is None else t[layer, self.req_start:self.req_end]
+
     def causal_pairs_cpu(self) -> list[int]:
         """(query, key) pairs under the causal mask per request, for one head."""
         return [q * (c - q) + q * (q + 1) // 2 for q, c in zip(self.q_lens_cpu, self.seq_lens_cpu)]
@@ -138,6 +147,8 @@ class AttnMetadata:
     req_slots_cpu: list[int]
     page_runs: list[tuple[tuple[int, int], ...]]
     rope_lens_cpu: list[int]
+    row_lens: torch.Tensor | None = None  # int32 [num_layers, num_reqs, Hkv] (RequestInput.row_lens), device
+    row_lens_cpu: torch.Tensor | None = None
 
     @cached_property
     def q_lens_cpu(self) -> list[int]:
@@ -166,6 +177,7 @@ class AttnMetadata:
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
         seq_lens = [r.context_len for r in reqs]
+        rows = row_table(reqs)
         return cls(
             num_reqs=len(reqs), num_decodes=num_decodes, num_actual_tokens=loc[-1], page_size=page_size,
             query_start_loc=torch.tensor(loc, dtype=torch.int32).to(device), query_start_loc_cpu=loc,
@@ -173,7 +185,19 @@ class AttnMetadata:
             block_table_tensor=bt.to(device), block_tables_cpu=tables,
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
             req_slots_cpu=[r.slot for r in reqs], page_runs=runs,
-            rope_lens_cpu=[r.rope_len or r.context_len for r in reqs])
+            rope_lens_cpu=[r.rope_len or r.context_len for r in reqs],
+            row_lens=None if rows is None else rows.to(device), row_lens_cpu=rows)
 
     def group(self, phase: str, req_start: int, req_end: int) -> BatchGroup:
         return BatchGroup(self, phase, req_start, req_end)
+
+
+def row_table(reqs: list[RequestInput]) -> torch.Tensor | None:
+    """int32 [num_layers, num_reqs, Hkv] of the requests' row lengths (whole contexts where a
+    request has none); None when no request has any, so dense steps build nothing."""
+    given = [r.row_lens for r in reqs if r.row_lens is not None]
+    if not given:
+        return None
+    shape = given[0].shape
+    return torch.stack([torch.full(shape, r.context_len) if r.row_lens is None else r.row_lens
+                        for r in reqs], 1).to(torch.int32)

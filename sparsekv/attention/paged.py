@@ -101,6 +101,26 @@ def decode_segments(q: torch.Tensor, segs: list[tuple[torch.Tensor, torch.Tensor
     return (out, probs) if return_probs else out
 
 
+def decode_rows(q: torch.Tensor, segs: list[tuple[torch.Tensor, torch.Tensor]], firsts: list[int],
+                scale: float) -> torch.Tensor:
+    """decode_segments where KV head h reads only positions firsts[h] on (per-row lengths of
+    eviction): each head's own slice of the segments, so the skipped keys are never read; a
+    head with nothing to read gives zeros, as the kernels do."""
+    hkv = segs[0][0].shape[0]
+    g = q.shape[0] // hkv
+    out = torch.zeros_like(q)
+    for h, first in enumerate(firsts):
+        part, at = [], 0
+        for k, v in segs:
+            lo = max(0, first - at)
+            if lo < k.shape[1]:
+                part.append((k[h:h + 1, lo:], v[h:h + 1, lo:]))
+            at += k.shape[1]
+        if part:
+            out[h * g:(h + 1) * g] = decode_segments(q[h * g:(h + 1) * g], part, scale)
+    return out
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last Lq positions over Lk keys (Lq <= Lk), GQA.
 

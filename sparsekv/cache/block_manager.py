@@ -57,14 +57,15 @@ class BlockManager:
     def _hash(parent: int, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
-    def lookup(self, seq: PagedSequence) -> list[int]:
-        """Cached pages of seq's longest cached prefix, never covering its last token (whose
-        logits must be computed)."""
+    def lookup(self, seq: PagedSequence, limit: int | None = None) -> list[int]:
+        """Cached pages of seq's longest cached prefix within its first `limit` tokens, never
+        covering its last token (whose logits must be computed)."""
         if not self.enable_prefix_caching:
             return []
         hits, parent = [], seq.cache_salt
         bs = self.block_size
-        for i in range((len(seq.token_ids) - 1) // bs):
+        usable = len(seq.token_ids) - 1 if limit is None else min(len(seq.token_ids) - 1, limit)
+        for i in range(max(usable, 0) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             parent = self._hash(parent, tokens)
             bid = self.cached.get(parent)

@@ -157,7 +157,8 @@ class LLMEngine:
         for s in seqs:
             for f in ("prefill_attended", "prefill_total", "decode_attended", "decode_total"):
                 setattr(stats, f, getattr(stats, f) + getattr(s.stats, f))
-        stats.kv_bytes_fraction = sum(1 - s.num_evicted_tokens / max(1, s.num_computed_tokens) for s in seqs) / len(seqs)
+        stats.kv_bytes_fraction = sum(1 - (s.num_evicted_tokens + s.num_unread_slots) / max(1, s.num_computed_tokens)
+                                      for s in seqs) / len(seqs)
         outs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.output_token_ids),
                                  cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                                  logprobs=list(s.logprobs) if s.logprobs is not None else None,

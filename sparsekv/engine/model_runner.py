@@ -7,6 +7,7 @@ import torch
 
 from sparsekv.attention.backend import AttnShape, BackendParams, backend_class, live_backends
 from sparsekv.attention.context import ForwardContext, forward_context
+from sparsekv.attention.kernels import cpu_build
 from sparsekv.attention.metadata import AttnMetadata, RequestInput
 from sparsekv.attention.router import LayerRoute, build_routes
 from sparsekv.cache.compressed import CompressedKVCache, MustafarLayout
@@ -62,6 +63,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, max_model_len: int):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":  # build (or load) the CPU kernels now: a server is ready only once
+            cpu_build.available()      # they are, and its first request does not wait for a compile
         self.model = load_model(config.model, self.dtype, self.device, config.hf_overrides)
         a = self.model.args
         self.shape = AttnShape(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
@@ -208,12 +211,15 @@ class ModelRunner:
             # a chunked prompt's rope sees the whole prompt, as one unchunked forward would
             rope_len = max(start + n, seq.num_prompt_tokens)
             kv_len = start - seq.num_evicted_tokens + n  # KV slots; positions stay the true ones
-            reqs.append(RequestInput(n, kv_len, seq.block_table, phases[i], self.slot(seq), rope_len))
+            slot = self.slot(seq)
+            reqs.append(RequestInput(n, kv_len, seq.block_table, phases[i], slot, rope_len,
+                                     self.evictor.row_lens(slot, kv_len)))
             evict = seq.sparsity.kv.eviction()
             if evict is not None:
                 evicting.append(EvictEntry(seq, seq.slot, slice(len(ids), len(ids) + n), kv_len, seq.block_table,
                                            seq.num_prompt_tokens, start + n, evict,
-                                           evict.capacity(seq.sparsity.kv.budget, seq.num_prompt_tokens)))
+                                           evict.capacity(seq.sparsity.kv.budget, seq.num_prompt_tokens),
+                                           backend_class(seq.sparsity.decode.method, self.device.type).row_lens))
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
         meta = AttnMetadata.build(reqs, self.page_size, self.device)
@@ -237,7 +243,10 @@ class ModelRunner:
         """After the step's run: evict where a request went over its budget; (sequence, KV slots
         kept, first page written) for the block manager to shrink it. private and shared_tokens
         are the block manager's copy-on-write and shared-prefix answers (Evictor.finish_step)."""
-        return self.evictor.finish_step(self.kv_cache, private, shared_tokens)
+        out = self.evictor.finish_step(self.kv_cache, private, shared_tokens)
+        for seq, _, _ in out:
+            seq.num_unread_slots = self.evictor.unread_slots(seq.slot)
+        return out
 
     def _record_stats(self, seqs: list[Sequence], phases: list[str], meta: AttnMetadata, plans: list) -> None:
         """Attended pairs from the plans' device counters: one read per plan per step."""

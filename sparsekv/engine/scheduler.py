@@ -50,7 +50,7 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.bm.lookup(seq) if not seq.block_table and seq.takes_prefix_hits else []
+            hits = self.bm.lookup(seq, seq.prefix_hit_limit) if not seq.block_table else []
             n = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.bm.block_size, budget,
                     seq.chunk_limit(len(hits) * self.bm.block_size))
             if not self.bm.allocate(seq, n, hits):
@@ -71,6 +71,7 @@ class Scheduler:
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
+        seq.num_unread_slots = 0.0
         self.on_release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

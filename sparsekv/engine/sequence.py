@@ -30,6 +30,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_hashed_blocks: int = 0
     num_evicted_tokens: int = 0  # computed tokens whose K/V eviction dropped (KV slots = computed - evicted)
+    num_unread_slots: float = 0.0  # KV slots held but not read, mean over (layer, KV head) rows (PyramidKV/AdaKV)
     cache_salt: int = field(init=False)  # prompt pages are shared only under equal prefill sparsity
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -69,10 +70,12 @@ class Sequence:
         return self.num_prompt_tokens - done if done < self.num_prompt_tokens else 1
 
     @property
-    def takes_prefix_hits(self) -> bool:
-        """H2O scores a token by the mass of every query of the prompt: cached pages would skip
-        those queries, so an H2O sequence computes its whole prompt (its pages are still cached)."""
-        return self.sparsity.kv.evict != "h2o"
+    def prefix_hit_limit(self) -> int:
+        """Leading prompt tokens the prefix cache may supply. An evicting method scores with the
+        prompt's last queries (H2O all of them, SnapKV's family its window): cached pages would
+        skip those rows, so they are computed (their pages are still cached for others)."""
+        evict = self.sparsity.kv.eviction()
+        return self.num_prompt_tokens - (evict.observed_queries(self.num_prompt_tokens) if evict else 0)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         tok = _local_tokenizer(args.model or default_model())
         samples = _samples(args, lambda text: len(tok.encode(text)), chat_format(tok) if args.chat else plain)
         runner = _runner(args, samples)
-    records = evaluate(runner, samples, methods, Store(args.output / "samples.jsonl"))
+    records = evaluate(runner, samples, methods, Store(args.output / "samples.jsonl"), chunk=2 * args.batch_size)
     rows = report.build_rows(records)
     agreement_rows = None
     if args.agreement:

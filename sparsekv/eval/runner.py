@@ -105,8 +105,11 @@ def record(sample: Sample, method: str, fp: str, result: Result) -> dict:
 
 
 def evaluate(runner: Runner, samples: list[Sample], methods: dict[str, SparsityConfig], store: Store,
-             progress: bool = True) -> list[dict]:
-    """Every (sample, method) not already finished in the store; returns the records of all of them."""
+             progress: bool = True, chunk: int = 16) -> list[dict]:
+    """Every (sample, method) not already finished in the store; returns the records of all of them.
+    Samples go `chunk` at a time through every method before the next chunk: the chunk's prompts
+    are still in the prefix cache when a decode-side method follows dense, so it reuses dense's
+    prompt pages (same K/V) instead of recomputing them, and a cut-short run leaves whole cells."""
     todo = {m: [s for s in samples if not store.finished(key(s, m), fingerprint(s, cfg, runner.model_name))]
             for m, cfg in methods.items()}
     total = sum(len(v) for v in todo.values())
@@ -114,18 +117,20 @@ def evaluate(runner: Runner, samples: list[Sample], methods: dict[str, SparsityC
     if skipped:
         log.info("resuming: %d of %d samples already done", skipped, len(samples) * len(methods))
     with tqdm(total=total, desc="eval", unit="sample", disable=not progress) as bar:
-        for method, pending in todo.items():
-            cfg = methods[method]
-            bar.set_postfix_str(method)
+        for start in range(0, len(samples), chunk):
+            part = {id(s) for s in samples[start:start + chunk]}
+            for method, cfg in methods.items():
+                pending = [s for s in todo[method] if id(s) in part]
+                bar.set_postfix_str(method)
 
-            def done(sample: Sample, result: Result, method: str = method, cfg: SparsityConfig = cfg) -> None:
-                if result.error:
-                    log.warning("%s %s@%d #%d failed: %s", method, sample.task, sample.length, sample.index,
-                                result.error)
-                store.add(record(sample, method, fingerprint(sample, cfg, runner.model_name), result))
-                bar.update(1)
-            if pending:
-                runner.run(pending, method, cfg, done)
+                def done(sample: Sample, result: Result, method: str = method, cfg: SparsityConfig = cfg) -> None:
+                    if result.error:
+                        log.warning("%s %s@%d #%d failed: %s", method, sample.task, sample.length, sample.index,
+                                    result.error)
+                    store.add(record(sample, method, fingerprint(sample, cfg, runner.model_name), result))
+                    bar.update(1)
+                if pending:
+                    runner.run(pending, method, cfg, done)
     return [store.records[key(s, m)] for m in methods for s in samples]
 
 
@@ -138,17 +143,20 @@ class LocalRunner:
     def __init__(self, make_llm: Callable[[], Any], model_name: str, batch_size: int = 8):
         self.make_llm, self.model_name, self.batch_size = make_llm, model_name, batch_size
         self.llm: Any = None
+        self.warm: set[str] = set()
 
     def run(self, samples: list[Sample], method: str, sparsity: SparsityConfig, done: Done) -> None:
         self.llm = self.llm or self.make_llm()
         # "dense" runs the engine's own config, as EndpointRunner sends none: under server-wide
         # settings (e.g. --kv-prune mustafar) a full dense config would be refused as a change
         sparsity = None if method == "dense" else sparsity
-        try:  # warm-up (lazy init, kernel compilation) outside the timed samples; errors show up below
-            self.llm.generate([samples[0].prompt], SamplingParams(temperature=0.0, max_tokens=2), sparsity=sparsity,
-                              use_tqdm=False)
-        except Exception:  # noqa: BLE001
-            self._abort_all()
+        if method not in self.warm:  # warm-up (lazy init, kernel compilation) outside the timed samples
+            self.warm.add(method)
+            try:  # errors show up in the samples below
+                self.llm.generate([samples[0].prompt], SamplingParams(temperature=0.0, max_tokens=2),
+                                  sparsity=sparsity, use_tqdm=False)
+            except Exception:  # noqa: BLE001
+                self._abort_all()
         self._window(samples, sparsity, done, self.batch_size)
 
     def _window(self, samples: list[Sample], sparsity: SparsityConfig | None, done: Done, width: int) -> None:

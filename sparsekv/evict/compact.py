@@ -1,9 +1,12 @@
 """Compaction: each (layer, KV head) row's kept tokens move into the sequence's first n slots.
 
-A row with h holes among its first n slots has exactly h kept tokens past slot n; those move
-into the holes, so only the displaced tokens are copied (one per row per decode step for H2O
-and StreamingLLM). Order within a row does not matter to attention: K is stored after RoPE.
-Pages the moves wrote go through the side tables' write hooks again (Quest's page bounds).
+A row keeping c tokens fills slots [n - c, n) (its target; n - c is the row's start, 0 unless
+rows keep their own budgets): right-aligned, so its tokens end where the next token is written
+for every row, and the row reads one contiguous range. A row with h holes in its target has
+exactly h kept tokens outside it; those move into the holes, so only the displaced tokens are
+copied (one per row per decode step for H2O and StreamingLLM). Order within a row does not
+matter to attention: K is stored after RoPE. Pages the moves wrote go through the side tables'
+write hooks again (Quest's page bounds).
 """
 from __future__ import annotations
 
@@ -24,27 +27,38 @@ def copy_pages(cache: KVCache, swaps: list[tuple[int, int]]) -> None:
     cache.fill[new] = cache.fill[old]
 
 
-def move_plan(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, ...] | None:
-    """keep bool [L, H, K] with n True per row -> (layer, head, src, dst) slot moves, or None."""
+def targets(keep: torch.Tensor, n: int, starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(holes, strays) bool [L, H, K]: target slots without a kept token, kept tokens outside
+    the target [starts, n) of their row (starts int [L, H], None: 0)."""
+    slot = torch.arange(keep.shape[-1], device=keep.device)
+    target = slot < n
+    if starts is not None:
+        target = target & (slot >= starts.to(keep.device).unsqueeze(-1))
+    return target & ~keep, keep & ~target
+
+
+def move_plan(keep: torch.Tensor, n: int, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
+    """keep bool [L, H, K] with n - starts True per row -> (layer, head, src, dst) slot moves,
+    or None."""
     L, H, K = keep.shape
-    hole = ~keep[..., :n]
+    hole, stray = targets(keep, n, starts)
     count = hole.sum(-1)
     m = int(count.max()) if n else 0
     if m == 0:
         return None
-    big = n + K
-    dst = torch.where(hole, torch.arange(n, device=keep.device), big).sort(-1).values[..., :m]
-    src = torch.where(keep[..., n:], torch.arange(n, K, device=keep.device), big).sort(-1).values[..., :m]
+    big, slot = 2 * K, torch.arange(K, device=keep.device)
+    dst = torch.where(hole, slot, big).sort(-1).values[..., :m]
+    src = torch.where(stray, slot, big).sort(-1).values[..., :m]
     valid = torch.arange(m, device=keep.device) < count.unsqueeze(-1)
     layer, head, j = valid.nonzero(as_tuple=True)
     return layer, head, src[layer, head, j], dst[layer, head, j]
 
 
 def compact(cache: KVCache, block_table: list[int], keep: torch.Tensor, n: int,
-            state: tuple[torch.Tensor, ...] = ()) -> int | None:
-    """Move kept tokens into slots [0, n) of every row, in the pool and in the per-slot `state`
-    tensors ([L, H, >=K]); return the first logical page written (None: nothing moved)."""
-    moves = move_plan(keep, n)
+            state: tuple[torch.Tensor, ...] = (), starts: torch.Tensor | None = None) -> int | None:
+    """Move kept tokens into slots [starts, n) of every row, in the pool and in the per-slot
+    `state` tensors ([L, H, >=K]); return the first logical page written (None: nothing moved)."""
+    moves = move_plan(keep, n, starts)
     if moves is None:
         return None
     layer, head, src, dst = moves

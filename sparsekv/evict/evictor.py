@@ -7,8 +7,12 @@ scores come from the step's own queries without keeping them: H2O adds each quer
 mass per key; the SnapKV family keeps only the observation window's queries until the prompt
 ends, scores the prefix there and drops them. After the forward, `finish_step` picks each
 (layer, KV head)'s kept tokens and compacts them into the first slots of the sequence, so the
-pages past them can go back to the pool. Every row keeps the same count (one page id holds a
-slot of every layer and KV head), the largest of the method's per-row budgets.
+pages past them can go back to the pool. One page id holds a slot of every layer and KV head,
+so the sequence holds the pages of its longest row; a row with a smaller budget (PyramidKV's
+layers, AdaKV's heads) keeps its tokens right-aligned below that length, and decode reads only
+its own row length (`row_lens`), where the decode backend can (AttentionBackend.row_lens) and
+the method evicts once (the SnapKV family: the rows then grow together, one token a step).
+Otherwise every row keeps the largest of the method's budgets.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 from sparsekv.attention.paged import gather_kv
 from sparsekv.cache.kv_cache import KVCache, LayerKV
-from sparsekv.evict.compact import compact, copy_pages
+from sparsekv.evict.compact import compact, copy_pages, targets
 from sparsekv.evict.params import EvictParams, H2OParams, StreamingLLMParams
 from sparsekv.evict.scores import attention_mass, reduce_heads, window_scores
 
@@ -37,6 +41,7 @@ class EvictEntry:
     true_len: int  # tokens computed after the step (kv_len plus those evicted)
     params: EvictParams
     capacity: int
+    per_row: bool = False  # the decode backend reads per-row lengths: rows may keep their own budgets
 
     @property
     def num_rows(self) -> int:
@@ -57,6 +62,7 @@ class SlotState:
     score: torch.Tensor  # float32 [L, Hkv, cap]: H2O's accumulated mass / SnapKV's pooled scores
     window_q: list[list[torch.Tensor]] = field(default_factory=list)
     budgets: torch.Tensor | None = None  # int64 [L, Hkv]: the last eviction's per-row budgets
+    starts: torch.Tensor | None = None  # int64 [L, Hkv] on the host: each row's first kept slot (None: all 0)
     known: int = 0  # KV slots whose positions are set (prefix-cache hits arrive without a step)
     done: bool = False  # a one-shot method has evicted (or had nothing to evict)
 
@@ -130,22 +136,29 @@ class Evictor:
             picked = self._select(e, st, 0)
             if picked is None:
                 continue
-            keep, n = picked
-            swaps = private(e.key, written_pages(keep, n, cache.page_size, len(e.block_table)))
+            swaps = private(e.key, written_pages(*picked, cache.page_size, len(e.block_table)))
             if swaps is None:
                 picked = self._select(e, st, shared(e.key))
                 if picked is None:
                     continue
-                keep, n = picked
+            keep, n, starts = picked
             copy_pages(cache, swaps or [])
             st.known = n
-            out.append((e.key, n, compact(cache, e.block_table, keep, n, (st.pos, st.score))))
+            first = compact(cache, e.block_table, keep, n, (st.pos, st.score), starts)
+            if starts is not None:  # slots below a row's start hold no token of it
+                dead = torch.arange(n, device=self.device) < starts.unsqueeze(-1)
+                st.pos[..., :n].masked_fill_(dead, -1)
+                st.score[..., :n].masked_fill_(dead, 0)
+            st.starts = None if starts is None else starts.cpu()  # read on the host every step: copied once
+            out.append((e.key, n, first))
         self.entries = []
         return out
 
-    def _select(self, e: EvictEntry, st: SlotState, pinned: int) -> tuple[torch.Tensor, int] | None:
-        """The kept mask [L, Hkv, K] (the same count n in every row) and n; None: nothing to
-        evict. The first `pinned` slots are kept where they are."""
+    def _select(self, e: EvictEntry, st: SlotState, pinned: int
+                ) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
+        """The kept mask [L, Hkv, K], the longest row's count n and each row's start (it keeps
+        n - start; None: every row keeps n); None: nothing to evict. The first `pinned` slots
+        are kept where they are (every row then keeps n)."""
         K, p = e.kv_len, e.params
         if K <= e.capacity:
             return None
@@ -160,17 +173,35 @@ class Evictor:
         n = max(int(budgets.max()), n_prot)
         if n >= K:
             return None
-        top = score.masked_fill(protected, float("inf")).topk(n, dim=-1).indices
-        return torch.zeros_like(protected).scatter_(-1, top, True), n
+        top = score.masked_fill(protected, float("inf")).topk(n, dim=-1).indices  # best first
+        if not (e.per_row and p.one_shot and pinned == 0) or bool((budgets >= n).all()):
+            return torch.zeros_like(protected).scatter_(-1, top, True), n, None
+        kept = budgets.clamp(min=n_prot).to(top.device)  # the protected, inf-scored, come first
+        rank = torch.arange(n, device=top.device) < kept.unsqueeze(-1)
+        return torch.zeros_like(protected).scatter_(-1, top, rank), n, n - kept
+
+    def row_lens(self, slot: int, kv_len: int) -> torch.Tensor | None:
+        """int [L, Hkv]: KV slots each row of the request reads (the last of its kv_len), None
+        where every row reads them all."""
+        st = self.states.get(slot)
+        return None if st is None or st.starts is None else kv_len - st.starts
+
+    def unread_slots(self, slot: int) -> float:
+        """Mean over rows of the KV slots the request holds below its rows' starts (PyramidKV and
+        AdaKV rows shorter than the longest): held in pages, never read."""
+        st = self.states.get(slot)
+        return 0.0 if st is None or st.starts is None else float(st.starts.double().mean())
 
     def free(self, slots: list[int]) -> None:
         for s in slots:
             self.states.pop(s, None)
 
 
-def written_pages(keep: torch.Tensor, n: int, page_size: int, num_pages: int) -> list[int]:
-    """Logical pages compaction writes (those with a hole below n) and the next token's page."""
-    holes = (~keep[..., :n]).flatten(0, 1).any(0).nonzero().flatten()
+def written_pages(keep: torch.Tensor, n: int, starts: torch.Tensor | None, page_size: int,
+                  num_pages: int) -> list[int]:
+    """Logical pages compaction writes (those with a hole in a row's target) and the next
+    token's page."""
+    holes = targets(keep, n, starts)[0].flatten(0, 1).any(0).nonzero().flatten()
     pages = set((holes // page_size).tolist())
     if n // page_size < num_pages:
         pages.add(n // page_size)

@@ -35,6 +35,11 @@ class EvictParams(BaseModel):
         """How many of the newest tokens are never evicted."""
         raise NotImplementedError
 
+    def observed_queries(self, prompt_len: int) -> int:
+        """How many of the prompt's last queries the scores read: those rows must be computed,
+        not taken from the prefix cache, or the kept tokens would depend on the cache's state."""
+        return 0
+
     def row_budgets(self, capacity: int, scores: torch.Tensor, free: torch.Tensor, protected: int) -> torch.Tensor:
         """int64 [L, Hkv]: tokens each (layer, KV head) keeps, protected ones included, from the
         scores and evictable mask [L, Hkv, K]; uniform unless a method shapes it."""
@@ -70,6 +75,9 @@ class H2OParams(EvictParams):
     def protected_recent(self, capacity: int) -> int:
         return math.floor(capacity * self.recent_ratio / (self.heavy_ratio + self.recent_ratio))
 
+    def observed_queries(self, prompt_len: int) -> int:
+        return prompt_len  # every query's attention mass accumulates
+
 
 class SnapKVParams(EvictParams):
     """SnapKV: the last `window` prompt queries score the prefix; scores pooled along tokens;
@@ -82,6 +90,9 @@ class SnapKVParams(EvictParams):
     gqa: Literal["mean", "max"] = "mean"
 
     def protected_recent(self, capacity: int) -> int:
+        return self.window
+
+    def observed_queries(self, prompt_len: int) -> int:
         return self.window
 
     @model_validator(mode="after")

@@ -18,15 +18,18 @@ def supports(q: torch.Tensor) -> bool:
 
 def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, page_lists: torch.Tensor | None = None,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, row_lens: torch.Tensor | None = None
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence over its pages: out [B, Hq, D] in q's dtype.
 
     q [B, Hq, D] (any strides); k, v [num_pages, Hkv, page_size, D] read in place through
     their strides (head-major is the fast case). block_table int32 [B, max_pages] maps logical
     to physical pages; seq_lens int32 [B] bounds the readable positions. page_lists int32
     [B, Hkv, n] of logical pages padded with -1 (may be expanded over Hkv) restricts each KV
-    head to its listed pages. With return_lse also the float32 [B, Hq] log-sum-exp of the
-    scaled logits (-inf for a sequence with nothing to read, whose output is zero).
+    head to its listed pages. row_lens int32 [B, Hkv]: KV head h of sequence b reads only the
+    last row_lens[b, h] of its seq_lens[b] positions (eviction with per-head budgets keeps each
+    row's tokens right before the newest ones); earlier pages are not read. With return_lse
+    also the float32 [B, Hq] log-sum-exp of the scaled logits (-inf for a sequence with nothing to read, whose output is zero).
     """
     lib = ops()
     if lib is None:
@@ -39,5 +42,7 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
     seq_lens = seq_lens.to(torch.int32).contiguous()
     if page_lists is not None:
         page_lists = page_lists.to(torch.int32)
-    out, lse = lib.paged_decode(q, k, v, block_table, seq_lens, page_lists, float(scale), return_lse)
+    if row_lens is not None:
+        row_lens = row_lens.to(torch.int32).contiguous()
+    out, lse = lib.paged_decode(q, k, v, block_table, seq_lens, page_lists, row_lens, float(scale), return_lse)
     return (out, lse) if return_lse else out

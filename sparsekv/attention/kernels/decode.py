@@ -5,7 +5,9 @@ load, the page list (or all pages) is cut into splits so long contexts fill the 
 log-sum-exp reduction merges the splits. `page_lists` [num_seqs, Hkv, n] holds logical page ids
 padded with -1: per KV head (Quest) or one list expanded over the heads (stride 0, DELTA). A
 token is read only if its page is listed and its position `page * page_size + offset` is
-inside the context, so partial pages and padding need no special case.
+inside the context, so partial pages and padding need no special case. Optional `row_lens`
+[num_seqs, Hkv] (eviction with per-layer or per-head budgets) let each KV head read only the
+last row_len positions of its context: the dense loop starts at that row's first page.
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ def store_split(O, LSE, acc, m_i, l_i, o_base, lse_base, heads, so_h, sl_h, d, g
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
+def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, RL, O, LSE,
                    sq_s, sq_h, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, sbt_s,
                    spl_s, spl_h, spl_n, so_s, so_h, so_x, slse_s, slse_h,
-                   n_list, per_split, scale,
+                   srl_s, n_list, per_split, scale,
                    G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, ROWS: tl.constexpr,
+                   PREC: tl.constexpr):
     sid, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(CTX + sid)
     if DENSE:
@@ -52,6 +55,11 @@ def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
         count = n_list
     lo = split * per_split
     hi = tl.minimum(lo + per_split, count)
+    first = 0  # the row's first readable position
+    if ROWS:
+        first = ctx - tl.load(RL + sid * srl_s + h)
+        if DENSE:
+            lo = tl.maximum(lo, first // PS)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < G
@@ -71,7 +79,7 @@ def _decode_kernel(Q, K, V, BT, CTX, QROW, PL, O, LSE,
             page = li
         else:
             page = tl.load(PL + sid * spl_s + h * spl_h + li * spl_n, mask=listed, other=-1)
-        valid = listed & (page >= 0) & (page * PS + off < ctx)
+        valid = listed & (page >= 0) & (page * PS + off < ctx) & (page * PS + off >= first)
         phys = tl.load(BT + sid * sbt_s + page, mask=valid, other=0).to(tl.int64)
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(K + phys[:, None] * sk_p + h * sk_h + off[:, None] * sk_t + d[None, :],
@@ -101,11 +109,13 @@ def tile_tokens(page_size: int) -> int:
 
 
 def paged_decode(q: torch.Tensor, kv, group, scale: float, page_lists: torch.Tensor | None = None,
-                 return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 return_lse: bool = False, row_lens: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for a group's requests (q_len 1 each) over their listed pages, or every page.
 
     q: [rows, Hq, D] (request i's query is row group.query_start[i]); kv: LayerKV; page_lists:
-    [num_seqs, Hkv, n] logical page ids, -1 = none. Returns [rows, Hq, D] in q's dtype and, with
+    [num_seqs, Hkv, n] logical page ids, -1 = none; row_lens: int32 [num_seqs, Hkv], each KV
+    head's readable positions, the last of its context (BatchGroup.row_lens). Returns [rows, Hq, D] in q's dtype and, with
     return_lse, the float32 log-sum-exp of the scaled logits per (sequence, query head).
     """
     nseq, (_, hq, d) = group.num_reqs, q.shape
@@ -121,20 +131,21 @@ def paged_decode(q: torch.Tensor, kv, group, scale: float, page_lists: torch.Ten
     o = torch.empty(nseq, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(nseq, hq, splits, dtype=torch.float32, device=q.device)
     pl = bt if dense else page_lists  # a placeholder pointer in the dense case
+    rl = ctx if row_lens is None else row_lens.contiguous()  # likewise without row lengths
     _decode_kernel[(nseq, hkv, splits)](
-        q, kv.k, kv.v, bt, ctx, qrow, pl, o, lse,
+        q, kv.k, kv.v, bt, ctx, qrow, pl, rl, o, lse,
         q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.k.stride(2),
         kv.v.stride(0), kv.v.stride(1), kv.v.stride(2), bt.stride(0),
         pl.stride(0), 0 if dense else pl.stride(1), pl.stride(-1), o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(0), lse.stride(1), n_list, per_split, scale,
+        lse.stride(0), lse.stride(1), rl.stride(0), n_list, per_split, scale,
         G=hq // hkv, D=d, PS=ps, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, DENSE=dense,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, DENSE=dense, ROWS=row_lens is not None,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")
     m = lse.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), 0.0, m)
     w = torch.exp(lse - m)  # splits without keys weigh 0
     total = w.sum(-1, keepdim=True)
-    merged = (o * w.unsqueeze(-1)).sum(2) / total
+    merged = (o * w.unsqueeze(-1)).sum(2) / torch.where(total > 0, total, 1.0)  # nothing read: zeros
     out = torch.empty_like(q)
     out[qrow.long()] = merged.to(q.dtype)
     if not return_lse:

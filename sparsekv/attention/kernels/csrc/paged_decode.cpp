@@ -7,7 +7,9 @@
 // share every page while it sits in L1; scores are computed 16 keys at a time into one vector
 // (a lane-sum tree instead of a horizontal sum per key) and the weighted values accumulate in
 // registers, in 16-float vectors that are AVX-512 registers or pairs of AVX2 ones. bf16 pages
-// widen to fp32 once per page.
+// widen to fp32 once per page. Optional row lengths [B, Hkv] let each KV head read only the
+// last row_len of its sequence's seq_len positions (token eviction with per-head budgets):
+// pages wholly before them are skipped unread.
 // A torch op (torch.ops.sparsekv_cpu.paged_decode) with light ATen headers: the JIT build
 // takes seconds, where torch/extension.h alone costs half a minute.
 #include <ATen/Parallel.h>
@@ -52,23 +54,24 @@ inline void prefetch_page(const T* page, int64_t stride, int n) {
 template <typename T>
 struct Params {
   const T *q, *k, *v;
-  const int32_t *bt, *lens, *pl;
+  const int32_t *bt, *lens, *pl, *rl;
   int64_t sq_b, sq_h, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, sbt, spl_b, spl_h, spl_n;
-  int64_t num_pages, max_pages;
+  int64_t num_pages, max_pages, H;  // H: KV heads, the row stride of rl
   int G, page_size;
   float scale;
 };
 
 constexpr int64_t kSkipPage = -1, kBadPage = -2;
 
-// Physical page of entry i of the item's range and its readable token count `n`; kSkipPage
-// for padding and pages past the context, kBadPage for a page id outside the pool.
+// Physical page of entry i of the item's range and its readable rows [lo, n); kSkipPage for
+// padding and pages outside [first, len), kBadPage for a page id outside the pool.
 template <typename T>
-inline int64_t find_page(const Params<T>& p, const Item& it, int i, int64_t len, int& n) {
+inline int64_t find_page(const Params<T>& p, const Item& it, int i, int64_t first, int64_t len, int& lo, int& n) {
   const int64_t lp = p.pl ? p.pl[it.b * p.spl_b + it.h * p.spl_h + i * p.spl_n] : i;
   if (lp < 0 || lp >= p.max_pages) return kSkipPage;  // pages past the table are past len
   n = static_cast<int>(std::min<int64_t>(p.page_size, len - lp * p.page_size));
-  if (n <= 0) return kSkipPage;
+  lo = static_cast<int>(std::max<int64_t>(0, first - lp * p.page_size));
+  if (n <= lo) return kSkipPage;
   const int64_t phys = p.bt[it.b * p.sbt + lp];
   return phys >= 0 && phys < p.num_pages ? phys : kBadPage;
 }
@@ -78,6 +81,7 @@ template <typename T, int D>
 bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float* __restrict__ m,
               float* __restrict__ l) {
   const int64_t len = p.lens[it.b];
+  const int64_t first = p.rl ? len - p.rl[it.b * p.H + it.h] : 0;  // the row's first readable position
   alignas(64) float qf[kMaxG * D];
   alignas(64) float kbuf[std::is_same_v<T, float> ? 1 : kMaxPageSize * D];
   alignas(64) float vbuf[std::is_same_v<T, float> ? 1 : kMaxPageSize * D];
@@ -85,18 +89,20 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
   reset_state<D>(p.G, acc, m, l);
   bool ok = true;
   for (int i = it.lo; i < it.hi; ++i) {
-    int n = 0, n_ahead = 0;
-    const int64_t phys = find_page(p, it, i, len, n);
+    int lo = 0, n = 0, lo_ahead = 0, n_ahead = 0;
+    const int64_t phys = find_page(p, it, i, first, len, lo, n);
     if (phys == kBadPage) ok = false;
     if (phys < 0) continue;
-    const int64_t ahead = i + kPrefetchPages < it.hi ? find_page(p, it, i + kPrefetchPages, len, n_ahead) : kSkipPage;
+    const int64_t ahead =
+        i + kPrefetchPages < it.hi ? find_page(p, it, i + kPrefetchPages, first, len, lo_ahead, n_ahead) : kSkipPage;
     if (ahead >= 0) {
-      prefetch_page<T, D>(p.k + ahead * p.sk_p + it.h * p.sk_h, p.sk_t, n_ahead);
-      prefetch_page<T, D>(p.v + ahead * p.sv_p + it.h * p.sv_h, p.sv_t, n_ahead);
+      prefetch_page<T, D>(p.k + ahead * p.sk_p + it.h * p.sk_h + lo_ahead * p.sk_t, p.sk_t, n_ahead - lo_ahead);
+      prefetch_page<T, D>(p.v + ahead * p.sv_p + it.h * p.sv_h + lo_ahead * p.sv_t, p.sv_t, n_ahead - lo_ahead);
     }
+    n -= lo;
     int64_t ks, vs;
-    const float* kp = page_f32<T, D>(p.k + phys * p.sk_p + it.h * p.sk_h, p.sk_t, n, kbuf, ks);
-    const float* vp = page_f32<T, D>(p.v + phys * p.sv_p + it.h * p.sv_h, p.sv_t, n, vbuf, vs);
+    const float* kp = page_f32<T, D>(p.k + phys * p.sk_p + it.h * p.sk_h + lo * p.sk_t, p.sk_t, n, kbuf, ks);
+    const float* vp = page_f32<T, D>(p.v + phys * p.sv_p + it.h * p.sv_h + lo * p.sv_t, p.sv_t, n, vbuf, vs);
     attend_rows<D>(qf, p.G, kp, ks, vp, vs, n, acc, m, l);
   }
   return ok;
@@ -105,11 +111,13 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
 }  // namespace
 
 // q [B, Hq, D]; k, v [num_pages, Hkv, page_size, D] (any strides, unit stride over D);
-// block_table int32 [B, max_pages]; seq_lens int32 [B]; page_lists int32 [B, Hkv, n] or empty.
+// block_table int32 [B, max_pages]; seq_lens int32 [B]; page_lists int32 [B, Hkv, n] or empty;
+// row_lens int32 [B, Hkv] (contiguous) or empty: head h reads positions [seq_len - row_len, seq_len).
 // Returns out [B, Hq, D] in q's dtype and lse float32 [B, Hq] (empty unless asked).
 std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                     const std::optional<at::Tensor>& page_lists, double scale, bool return_lse) {
+                                     const std::optional<at::Tensor>& page_lists,
+                                     const std::optional<at::Tensor>& row_lens, double scale, bool return_lse) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q must be [B, Hq, D], k/v [pages, Hkv, page, D]");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
@@ -125,6 +133,11 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k, c
     TORCH_CHECK(page_lists->scalar_type() == at::kInt && page_lists->dim() == 3, "page_lists int32 [B, Hkv, n]");
     TORCH_CHECK(page_lists->size(0) == B && page_lists->size(1) == hkv, "page_lists shape");
   }
+  const bool rows = row_lens.has_value() && row_lens->defined();
+  if (rows) {
+    TORCH_CHECK(row_lens->scalar_type() == at::kInt && row_lens->is_contiguous(), "row_lens int32, contiguous");
+    TORCH_CHECK(row_lens->dim() == 2 && row_lens->size(0) == B && row_lens->size(1) == hkv, "row_lens [B, Hkv]");
+  }
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   std::vector<int64_t> count(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -139,10 +152,10 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k, c
   auto run = [&](auto tag, auto dim) {
     using T = decltype(tag);
     Params<T> p{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), block_table.data_ptr<int32_t>(), lens,
-                sparse ? page_lists->data_ptr<int32_t>() : nullptr,
+                sparse ? page_lists->data_ptr<int32_t>() : nullptr, rows ? row_lens->data_ptr<int32_t>() : nullptr,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 block_table.stride(0), sparse ? page_lists->stride(0) : 0, sparse ? page_lists->stride(1) : 0,
-                sparse ? page_lists->stride(2) : 0, k.size(0), block_table.size(1),
+                sparse ? page_lists->stride(2) : 0, k.size(0), block_table.size(1), hkv,
                 static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<float>(scale)};
     constexpr int Dc = decltype(dim)::value;
     const bool ok = run_and_merge<T, Dc>(
@@ -169,5 +182,5 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k, c
 
 TORCH_LIBRARY(sparsekv_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k, Tensor v, Tensor block_table, Tensor seq_lens, Tensor? page_lists, "
-        "float scale, bool return_lse) -> Tensor[]", &paged_decode);
+        "Tensor? row_lens, float scale, bool return_lse) -> Tensor[]", &paged_decode);
 }

@@ -17,29 +17,14 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from timing import timings_s
+from timing import interleaved_s, timings_s
 
 from sparsekv.attention.kernels.cpu_decode import available, paged_decode_cpu
 
 HQ, HKV, D, PS = 9, 3, 64, 16
-
-
-def interleaved_s(fn, baseline, repeats: int) -> dict[str, list[float]]:
-    """Wall and this thread's CPU times of fn and of baseline taken in turn, so both see the same
-    load on a shared host; with one thread the CPU times also leave out time spent descheduled."""
-    fn(), baseline()
-    times: dict[str, list[float]] = {"wall": [], "cpu": [], "base_wall": [], "base_cpu": []}
-    for _ in range(repeats):
-        for f, prefix in ((fn, ""), (baseline, "base_")):
-            wall, cpu = time.perf_counter(), time.thread_time()
-            f()
-            times[prefix + "cpu"].append(time.thread_time() - cpu)
-            times[prefix + "wall"].append(time.perf_counter() - wall)
-    return times
 
 
 def read_bandwidth() -> float:

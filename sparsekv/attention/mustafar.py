@@ -144,15 +144,14 @@ class MustafarBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
                scale: float) -> torch.Tensor:
-        """The compiled kernels where they build (compressed tokens, then the window through the
-        paged-decode kernel over the staging rows, merged), else the PyTorch path."""
-        if (cpu_compressed.supports(q) and cpu_decode.supports(q) and cpu_compressed.available()
-                and cpu_decode.available()):
+        """The compiled kernels where they build (the window through the paged-decode kernel
+        over the staging rows, then the compressed tokens, merged with it in the same call),
+        else the PyTorch path."""
+        if cpu_compressed.supports(q) and cpu_compressed.available():
             nc, win = window_tables(kv, g, step)
-            o_c, lse_c = cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, scale)
-            o_w, lse_w = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, win.block_table, win.seq_lens, scale,
-                                                     return_lse=True)
-            return merge_window(q, o_c.unsqueeze(2), lse_c.unsqueeze(2), o_w, lse_w, g.query_start)
+            window = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, win.block_table, win.seq_lens, scale, return_lse=True)
+            return cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, scale,
+                                                        window)[0]
         out = torch.empty_like(q)
         for i in range(g.num_reqs):
             r = request_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], step.num_compressed[i])

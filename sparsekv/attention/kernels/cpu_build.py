@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # the FFN's kernels join the one library
                 + sorted((Path(__file__).parents[2] / "ffn" / "kernels" / "csrc").glob("*.cpp")))
+HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))  # hashed with the sources
 _FLAG_SETS = (  # tried in order: native code first, then a portable AVX2 build
     ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
     ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-finite-math-only", "-fopenmp"],
@@ -47,7 +48,7 @@ def ops():
     no flag set compiles."""
     from torch.utils import cpp_extension
 
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     capability = torch.backends.cpu.get_cpu_capability().lower()
     for flags in _FLAG_SETS:
         digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_flags().encode()

@@ -1,124 +1,250 @@
-// Decode attention over Mustafar-compressed tokens on CPU (fp32): one query token per sequence.
+// Decode attention over Mustafar-compressed tokens on CPU: one query token per sequence.
 //
-// A compressed token is `keep` values with their ascending uint8 channel indices. Work items
-// are (sequence, KV head); each runs an online softmax over its compressed tokens in blocks,
-// reading only the records: each record is scattered into a zeroed D-float buffer in L1 and
-// the G query heads of the GQA group then use it with dense, vectorised loops over D (faster
-// than gathering q at each index: those chains of dependent scalar loads do not vectorise).
-// Output is normalised, with the log-sum-exp, so the caller merges it with the dense window.
+// A compressed token is `keep` values (fp32 or bf16) with their ascending uint8 channel
+// indices. The scheme is the dense kernel's (decode_common.h): split-K items over (sequence,
+// KV head, page range) on the threads, the G query heads of a GQA group sharing each page, 16
+// keys scored per vector, vectorised exp, the log-sum-exp merge. The compressed kernel only
+// changes how a block of tokens becomes fp32 rows in L1: each record is expanded into its dense
+// D-float row once (for all G heads), so the bytes read from memory are the records' alone.
+// With AVX-512 a record becomes its channel bitmap (1 << index, OR-reduced, 8 indices per
+// vector) and each 16-channel chunk of the row is one masked expand of the packed values; on
+// other CPUs the values are stored into a zeroed row one by one. The dense window of recent
+// tokens can be merged in as one more split, so the step's output comes out of one call.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
+
+#include "decode_common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SPARSEKV_EXPAND_AVX512 1
+#endif
 
 namespace {
 
-constexpr int64_t kBlock = 32;  // tokens scored before one softmax rescale
-constexpr int64_t kMaxD = 256;
+using namespace sparsekv_decode;
 
-// The dense vector of one record: zeros except at its kept channels.
-inline void expand(float* buf, const float* val, const uint8_t* idx, int64_t keep, int64_t D) {
-  std::fill(buf, buf + D, 0.f);
-  for (int64_t j = 0; j < keep; ++j) buf[idx[j]] = val[j];
+// Tokens expanded, then attended, at a time (across pages): K and V rows (16 KiB each) stay in
+// L1, and the softmax's per-call work (rescale, reductions) is shared by more tokens.
+template <int D>
+constexpr int kBlockRows = 4096 / D;
+constexpr int kPrefetchPages = 2;  // records of the page this far ahead are requested
+
+#ifdef SPARSEKV_EXPAND_AVX512
+// Kept-channel bitmap of one record in W words of 64 channels: 1 << index per lane, 8 indices
+// per vector, OR-reduced once at the end.
+template <int W>
+inline void record_bits(const uint8_t* idx, int keep, uint64_t* bits) {
+  __m512i acc[W];
+  for (int w = 0; w < W; ++w) acc[w] = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi64(1);
+  for (int j = 0; j < keep; j += 8) {
+    const __mmask8 valid = keep - j >= 8 ? 0xFF : static_cast<__mmask8>((1u << (keep - j)) - 1);
+    const __m512i x = _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(valid, idx + j));
+    for (int w = 0; w < W; ++w) {  // shifts of 64 or more (other words' channels) give 0
+      const __m512i sh = _mm512_sub_epi64(x, _mm512_set1_epi64(64 * w));
+      acc[w] = _mm512_or_si512(acc[w], _mm512_maskz_sllv_epi64(valid, one, sh));
+    }
+  }
+  for (int w = 0; w < W; ++w) bits[w] = static_cast<uint64_t>(_mm512_reduce_or_epi64(acc[w]));
+}
+#endif
+
+// The dense row of one record (zeros where channels were dropped) into dst [D], 64-byte aligned.
+template <int D>
+inline void expand_row(const float* val, const uint8_t* idx, int keep, float* __restrict__ dst) {
+#ifdef SPARSEKV_EXPAND_AVX512
+  constexpr int W = (D + 63) / 64;
+  uint64_t bits[W];
+  record_bits<W>(idx, keep, bits);
+  int off = 0;
+  for (int c = 0; c < D / kLanes; ++c) {
+    const auto k = static_cast<__mmask16>(bits[c / 4] >> (16 * (c % 4)));
+    const int cnt = __builtin_popcount(static_cast<unsigned>(k));
+    const __m512 src = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), val + off);
+    _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, src));
+    off += cnt;
+  }
+#else
+  for (int d = 0; d < D; ++d) dst[d] = 0.f;
+  for (int j = 0; j < keep; ++j) {
+    if (idx[j] < D) dst[idx[j]] = val[j];
+  }
+#endif
 }
 
-std::tuple<at::Tensor, at::Tensor> compressed_decode(
-    const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ki, const at::Tensor& vc, const at::Tensor& vi,
-    const at::Tensor& block_table, const at::Tensor& num_compressed, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat,
-              "compressed_decode: float32 only");
-  TORCH_CHECK(ki.scalar_type() == at::kByte && vi.scalar_type() == at::kByte, "indices must be uint8");
-  TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1 && ki.stride(3) == 1 && vi.stride(3) == 1,
-              "records must be contiguous");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = kc.size(1), ps = kc.size(2);
-  const int64_t KK = kc.size(3), VK = vc.size(3), G = Hq / Hkv;
-  TORCH_CHECK(D <= kMaxD, "compressed_decode: head dim over ", kMaxD);
-  at::Tensor out = at::empty({B, Hq, D}, q.options());
-  at::Tensor lse = at::empty({B, Hq}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kcp = kc.data_ptr<float>();
-  const uint8_t* kip = ki.data_ptr<uint8_t>();
-  const float* vcp = vc.data_ptr<float>();
-  const uint8_t* vip = vi.data_ptr<uint8_t>();
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int32_t* nc = num_compressed.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), sbt = block_table.stride(0);
-  const int64_t sk[3] = {kc.stride(0), kc.stride(1), kc.stride(2)}, sv[3] = {vc.stride(0), vc.stride(1), vc.stride(2)};
-  const int64_t ski[3] = {ki.stride(0), ki.stride(1), ki.stride(2)}, svi[3] = {vi.stride(0), vi.stride(1), vi.stride(2)};
-  const float sc = static_cast<float>(scale);
+// n records (token strides sv, si) as dense rows [n, D]; bf16 values widen into `wide` first.
+template <typename T, int D>
+inline void expand_rows(const T* val, int64_t sv, const uint8_t* idx, int64_t si, int keep, int n, float* wide,
+                        float* __restrict__ dst) {
+  for (int t = 0; t < n; ++t) {
+    const float* v = reinterpret_cast<const float*>(val + t * sv);
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int j = 0; j < keep; ++j) wide[j] = widen(val[t * sv + j]);
+      v = wide;
+    }
+    expand_row<D>(v, idx + t * si, keep, dst + t * D);
+  }
+}
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D), s(G * kBlock), m(G), l(G);
-    alignas(64) float buf[kMaxD];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv, n = nc[b];
-      const float* qh = qp + b * sq0 + h * G * sq1;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
-        const int64_t nb = std::min(kBlock, n - t0);
-        for (int64_t i = 0; i < nb; ++i) {  // scores of the block
-          const int64_t t = t0 + i, page = bt[b * sbt + t / ps], off = t % ps;
-          const float* kv = kcp + page * sk[0] + h * sk[1] + off * sk[2];
-          const uint8_t* kx = kip + page * ski[0] + h * ski[1] + off * ski[2];
-          expand(buf, kv, kx, KK, D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qh + g * sq1;
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += buf[d] * qg[d];
-            s[g * kBlock + i] = dot * sc;
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {  // one rescale per block
-          float mb = m[g];
-          for (int64_t i = 0; i < nb; ++i) mb = std::max(mb, s[g * kBlock + i]);
-          const float alpha = std::exp(m[g] - mb);
-          float* a = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-          float sum = 0.f;
-          for (int64_t i = 0; i < nb; ++i) {
-            const float p = std::exp(s[g * kBlock + i] - mb);
-            s[g * kBlock + i] = p;
-            sum += p;
-          }
-          l[g] = l[g] * alpha + sum;
-          m[g] = mb;
-        }
-        for (int64_t i = 0; i < nb; ++i) {  // p * value scattered to each kept channel
-          const int64_t t = t0 + i, page = bt[b * sbt + t / ps], off = t % ps;
-          const float* vv = vcp + page * sv[0] + h * sv[1] + off * sv[2];
-          const uint8_t* vx = vip + page * svi[0] + h * svi[1] + off * svi[2];
-          expand(buf, vv, vx, VK, D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = s[g * kBlock + i];
-            float* a = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += p * buf[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = h * G + g;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) op[(b * Hq + head) * D + d] = acc[g * D + d] * inv;
-        lp[b * Hq + head] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+template <typename T>
+struct Params {
+  const T *q, *kc, *vc;
+  const uint8_t *ki, *vi;
+  const int32_t *bt, *nc;
+  int64_t sq_b, sq_h, sbt;
+  int64_t sk[3], ski[3], sv[3], svi[3];  // page, KV head and token strides of the records
+  int64_t num_pages;
+  int G, page_size, k_keep, v_keep;
+  float scale;
+};
+
+template <typename T>
+inline void prefetch_records(const Params<T>& p, int64_t phys, int64_t h, int n) {
+  prefetch_bytes(p.kc + phys * p.sk[0] + h * p.sk[1], n * p.sk[2] * static_cast<int64_t>(sizeof(T)));
+  prefetch_bytes(p.ki + phys * p.ski[0] + h * p.ski[1], n * p.ski[2]);
+  prefetch_bytes(p.vc + phys * p.sv[0] + h * p.sv[1], n * p.sv[2] * static_cast<int64_t>(sizeof(T)));
+  prefetch_bytes(p.vi + phys * p.svi[0] + h * p.svi[1], n * p.svi[2]);
+}
+
+// Online softmax of one item's compressed pages, kBlockRows tokens expanded at a time.
+template <typename T, int D>
+bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float* __restrict__ m,
+              float* __restrict__ l) {
+  constexpr int R = kBlockRows<D>;
+  const int64_t len = p.nc[it.b], h = it.h, ps = p.page_size;
+  alignas(64) float qf[kMaxG * D];
+  alignas(64) float kbuf[R * D];
+  alignas(64) float vbuf[R * D];
+  alignas(64) float wide[std::is_same_v<T, float> ? 1 : D];
+  load_queries<T, D>(p.q, p.sq_b, p.sq_h, it, p.G, p.scale, qf);
+  reset_state<D>(p.G, acc, m, l);
+  bool ok = true;
+  int filled = 0;
+  for (int i = it.lo; i < it.hi; ++i) {
+    const int n = static_cast<int>(std::min<int64_t>(ps, len - i * ps));
+    const int64_t phys = p.bt[it.b * p.sbt + i];
+    if (phys < 0 || phys >= p.num_pages) {
+      ok = false;
+      continue;
+    }
+    const int ia = i + kPrefetchPages;
+    if (ia < it.hi) {
+      const int64_t ahead = p.bt[it.b * p.sbt + ia];
+      if (ahead >= 0 && ahead < p.num_pages) prefetch_records(p, ahead, h, std::min<int64_t>(ps, len - ia * ps));
+    }
+    const T* kc = p.kc + phys * p.sk[0] + h * p.sk[1];
+    const uint8_t* ki = p.ki + phys * p.ski[0] + h * p.ski[1];
+    const T* vc = p.vc + phys * p.sv[0] + h * p.sv[1];
+    const uint8_t* vi = p.vi + phys * p.svi[0] + h * p.svi[1];
+    for (int t0 = 0; t0 < n;) {
+      const int rows = std::min(R - filled, n - t0);
+      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], ki + t0 * p.ski[2], p.ski[2], p.k_keep, rows, wide,
+                        kbuf + filled * D);
+      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vi + t0 * p.svi[2], p.svi[2], p.v_keep, rows, wide,
+                        vbuf + filled * D);
+      filled += rows;
+      t0 += rows;
+      if (filled == R) {
+        attend_rows<D>(qf, p.G, kbuf, D, vbuf, D, filled, acc, m, l);
+        filled = 0;
       }
     }
-  });
-  return {out, lse};
+  }
+  if (filled) attend_rows<D>(qf, p.G, kbuf, D, vbuf, D, filled, acc, m, l);
+  return ok;
+}
+
+void check_records(const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(vals.dim() == 4 && idx.sizes() == vals.sizes(), name, ": values and indices [pages, Hkv, ps, keep]");
+  TORCH_CHECK(vals.scalar_type() == q.scalar_type(), name, ": records must have q's dtype");
+  TORCH_CHECK(idx.scalar_type() == at::kByte, name, ": indices must be uint8");
+  TORCH_CHECK(vals.stride(3) == 1 && idx.stride(3) == 1, name, ": records must be contiguous");
 }
 
 }  // namespace
 
+// q [B, Hq, D]; kc/ki, vc/vi [num_pages, Hkv, ps, keep] records (values in q's dtype, uint8
+// indices); block_table int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense
+// window's normalised out [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D]
+// in q's dtype (normalised) and lse float32 [B, Hq] (-inf: nothing to read).
+std::tuple<at::Tensor, at::Tensor> compressed_decode(
+    const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ki, const at::Tensor& vc, const at::Tensor& vi,
+    const at::Tensor& block_table, const at::Tensor& num_compressed, double scale,
+    const std::optional<at::Tensor>& window_out, const std::optional<at::Tensor>& window_lse) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, Hq, D] with unit stride over D");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+  check_records(kc, ki, q, "keys");
+  check_records(vc, vi, q, "values");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1,
+              "block_table int32 [B, max_pages]");
+  TORCH_CHECK(num_compressed.scalar_type() == at::kInt && num_compressed.is_contiguous(), "num_compressed int32 [B]");
+  const int64_t B = q.size(0), hq = q.size(1), D = q.size(2), hkv = kc.size(1), ps = kc.size(2);
+  TORCH_CHECK(vc.size(0) == kc.size(0) && vc.size(1) == hkv && vc.size(2) == ps, "K and V pools differ");
+  TORCH_CHECK(hq % hkv == 0 && hq / hkv <= kMaxG, "head shapes");
+  TORCH_CHECK(kc.size(3) <= D && vc.size(3) <= D, "more kept elements than the head dim");
+  TORCH_CHECK(block_table.size(0) == B && num_compressed.size(0) == B, "table shapes");
+  const bool merge = window_out.has_value() && window_out->defined();
+  if (merge) {
+    TORCH_CHECK(window_out->sizes() == q.sizes() && window_out->scalar_type() == q.scalar_type() &&
+                window_out->stride(2) == 1, "window_out must be like q");
+    TORCH_CHECK(window_lse.has_value() && window_lse->scalar_type() == at::kFloat && window_lse->is_contiguous() &&
+                window_lse->numel() == B * hq, "window_lse float32 [B, Hq]");
+  }
+  const int32_t* nc = num_compressed.data_ptr<int32_t>();
+  std::vector<int64_t> count(B);
+  for (int64_t b = 0; b < B; ++b) {
+    count[b] = (std::max<int32_t>(nc[b], 0) + ps - 1) / ps;
+    TORCH_CHECK(count[b] <= block_table.size(1), "num_compressed exceeds the block table");
+  }
+  std::vector<int64_t> group_begin;
+  const std::vector<Item> items = plan(count, hkv, ps, group_begin);
+  at::Tensor out = at::empty({B, hq, D}, q.options());
+  at::Tensor lse = at::empty({B, hq}, q.options().dtype(at::kFloat));
+  auto run = [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int Dc = decltype(dim)::value;
+    Params<T> p{q.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), ki.data_ptr<uint8_t>(), vi.data_ptr<uint8_t>(),
+                block_table.data_ptr<int32_t>(), nc, q.stride(0), q.stride(1), block_table.stride(0),
+                {kc.stride(0), kc.stride(1), kc.stride(2)}, {ki.stride(0), ki.stride(1), ki.stride(2)},
+                {vc.stride(0), vc.stride(1), vc.stride(2)}, {vi.stride(0), vi.stride(1), vi.stride(2)},
+                kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<int>(kc.size(3)),
+                static_cast<int>(vc.size(3)), static_cast<float>(scale)};
+    Extra<T> extra;
+    if (merge) extra = {window_out->data_ptr<T>(), window_lse->data_ptr<float>(), window_out->stride(0),
+                        window_out->stride(1)};
+    const bool ok = run_and_merge<T, Dc>(
+        items, group_begin, B, hkv, p.G,
+        [&](const Item& it, float* acc, float* m, float* l) { return run_item<T, Dc>(p, it, acc, m, l); }, extra,
+        out.data_ptr<T>(), out.stride(0), out.stride(1), lse.data_ptr<float>());
+    TORCH_CHECK(ok, "compressed_decode_cpu: block_table holds a page id outside the KV pool");
+  };
+  auto by_dim = [&](auto tag) {
+    switch (D) {
+      case 32: return run(tag, std::integral_constant<int, 32>{});
+      case 64: return run(tag, std::integral_constant<int, 64>{});
+      case 128: return run(tag, std::integral_constant<int, 128>{});
+      default: TORCH_CHECK(false, "compressed_decode_cpu: head dim ", D, " not compiled (32, 64, 128)");
+    }
+  };
+  if (q.scalar_type() == at::kFloat) {
+    by_dim(float{});
+  } else {
+    by_dim(c10::BFloat16{});
+  }
+  return {out, lse};
+}
+
 TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
   m.def("compressed_decode(Tensor q, Tensor kc, Tensor ki, Tensor vc, Tensor vi, Tensor block_table, "
-        "Tensor num_compressed, float scale) -> (Tensor, Tensor)", &compressed_decode);
+        "Tensor num_compressed, float scale, Tensor? window_out, Tensor? window_lse) -> (Tensor, Tensor)",
+        &compressed_decode);
 }

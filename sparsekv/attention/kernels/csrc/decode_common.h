@@ -1,0 +1,265 @@
+// What the CPU decode kernels share (paged_decode.cpp over dense pages, compressed_decode.cpp
+// over Mustafar records): split-K work items, the online softmax over a page of fp32 rows, and
+// the log-sum-exp merge of the splits. A kernel only says how a page becomes fp32 rows in L1.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace sparsekv_decode {
+
+constexpr int64_t kItemsPerThread = 8;  // enough items that dynamic scheduling balances
+constexpr int64_t kMinSplitTokens = 256;  // below this the merge costs more than it saves
+constexpr int64_t kMergeGrain = 64;  // (sequence, KV head) groups per merge task: runs inline when small
+constexpr int kMaxG = 32, kMaxPageSize = 256;
+constexpr float kEmpty = -1e30f;  // running max before any token (finite: exp() gives 0)
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// 16 floats: AVX-512 registers where the CPU has them, pairs of AVX2 registers otherwise.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  // for loads from any row
+constexpr int kLanes = 16;
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16 load16(const float* src) { return *reinterpret_cast<const v16u*>(src); }
+inline v16 splat(float x) { return v16{} + x; }
+
+// e^x for x <= 0 on 16 lanes in plain arithmetic (libm's expf is a call, and the compiler left
+// a scalar version of this unvectorised): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f
+// by a degree-6 Taylor series (rel. err ~1e-7); below -87 it flushes towards 0.
+inline v16 exp_neg(v16 x) {
+  const v16 t = (x > -87.f ? x : splat(-87.f)) * 1.4426950409f;
+  const v16i n = -__builtin_convertvector(0.5f - t, v16i);  // 0.5 - t > 0: truncation is floor
+  const v16 f = (t - __builtin_convertvector(n, v16)) * 0.6931471806f;
+  const v16 p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
+  return p * reinterpret_cast<v16>((n + 127) << 23);
+}
+
+// Max and sum over a vector's lanes by halving trees (a scalar chain costs 15 latencies).
+inline v16 swap_halves(v16 x, int level) {
+  switch (level) {
+    case 0: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 1: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  }
+}
+
+inline float lanes_max(v16 x) {
+  for (int level = 0; level < 4; ++level) {
+    const v16 y = swap_halves(x, level);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+
+inline float lanes_sum(v16 x) {
+  for (int level = 0; level < 4; ++level) x += swap_halves(x, level);
+  return x[0];
+}
+
+// Lane sums of 16 vectors as one vector (out[t] = sum of x[t]'s lanes): a shuffle tree that
+// halves the lanes of each pair per level, 15 adds for 16 dot products where 16 horizontal
+// sums would take 64 operations.
+inline v16 lane_sums(const v16* x) {
+  v16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Requests `bytes` from `src` ahead of use: memory stays busy during the arithmetic, also where
+// a fragmented block table defeats the hardware prefetcher.
+inline void prefetch_bytes(const void* src, int64_t bytes) {
+  const char* c = static_cast<const char*>(src);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
+
+struct Item {
+  int32_t b, h, lo, hi;  // pages [lo, hi) of the dense range or of the page list
+};
+
+// The G query heads of item (b, h), scaled, as fp32 [G, D].
+template <typename T, int D>
+inline void load_queries(const T* q, int64_t sq_b, int64_t sq_h, const Item& it, int G, float scale, float* qf) {
+  for (int g = 0; g < G; ++g) {
+    const T* qr = q + it.b * sq_b + (it.h * G + g) * sq_h;
+    for (int d = 0; d < D; ++d) qf[g * D + d] = widen(qr[d]) * scale;
+  }
+}
+
+// Running softmax state of one item: acc [G, D] unnormalised, m/l [G] max and sum.
+template <int D>
+inline void reset_state(int G, float* acc, float* m, float* l) {
+  for (int i = 0; i < G * D; ++i) acc[i] = 0.f;
+  for (int g = 0; g < G; ++g) m[g] = kEmpty, l[g] = 0.f;
+}
+
+// One page of n fp32 rows into the online softmax. Per query head, scores of 16 rows at a time
+// (q in registers, one lane-sum tree), then the weighted V rows into register accumulators:
+// the page stays in L1 across the G heads.
+template <int D>
+inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, int64_t ks, const float* vp,
+                        int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
+  constexpr int V = D / kLanes;
+  alignas(64) float s[kMaxPageSize + kLanes];
+  v16 lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
+  for (int g = 0; g < G; ++g) {
+    v16 qv[V];
+    for (int c = 0; c < V; ++c) qv[c] = load16(qf + g * D + c * kLanes);
+    v16 top = splat(m[g]);
+    for (int t0 = 0; t0 < n; t0 += kLanes) {
+      v16 part[kLanes];
+      const int rows = std::min(kLanes, n - t0);
+      for (int t = 0; t < kLanes; ++t) {
+        v16 a = {};
+        if (t < rows) {
+          const float* kr = kp + (t0 + t) * ks;
+          for (int c = 0; c < V; ++c) a += qv[c] * load16(kr + c * kLanes);
+        }
+        part[t] = a;
+      }
+      const v16 sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
+      *reinterpret_cast<v16u*>(s + t0) = sc;
+      top = top > sc ? top : sc;
+    }
+    const float mx = lanes_max(top);
+    const float alpha = exp_neg(splat(m[g] - mx))[0];
+    v16 sum = {};
+    for (int t0 = 0; t0 < n; t0 += kLanes) {
+      const v16 e = exp_neg(load16(s + t0) - mx);
+      *reinterpret_cast<v16u*>(s + t0) = e;
+      sum += e;
+    }
+    l[g] = l[g] * alpha + lanes_sum(sum);
+    m[g] = mx;
+    v16 o[V], o2[V];  // even and odd rows: two FMA chains per chunk, where one waits on latency
+    for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha, o2[c] = v16{};
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+      const float* vr = vp + t * vs;
+      for (int c = 0; c < V; ++c) {
+        o[c] += s[t] * load16(vr + c * kLanes);
+        o2[c] += s[t + 1] * load16(vr + vs + c * kLanes);
+      }
+    }
+    if (t < n) {
+      for (int c = 0; c < V; ++c) o[c] += s[t] * load16(vp + t * vs + c * kLanes);
+    }
+    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[c] + o2[c];
+  }
+}
+
+// Splits per (sequence, KV head): about kItemsPerThread items per thread, none shorter than
+// kMinSplitTokens, pages shared out evenly within a sequence.
+inline std::vector<Item> plan(const std::vector<int64_t>& count, int64_t hkv, int64_t page_size,
+                              std::vector<int64_t>& group_begin) {
+  int64_t total = 0;
+  for (int64_t c : count) total += c * hkv;
+  const int64_t target = kItemsPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t min_pages = std::max<int64_t>(1, kMinSplitTokens / page_size);
+  const int64_t per_split = std::max(min_pages, (total + target - 1) / target);
+  std::vector<Item> items;
+  group_begin.assign(count.size() * hkv + 1, 0);
+  for (size_t b = 0; b < count.size(); ++b) {
+    const int64_t nsplit = std::max<int64_t>(1, (count[b] + per_split - 1) / per_split);
+    const int64_t chunk = (count[b] + nsplit - 1) / nsplit;
+    for (int64_t h = 0; h < hkv; ++h) {
+      group_begin[b * hkv + h] = static_cast<int64_t>(items.size());
+      for (int64_t lo = 0; lo < count[b]; lo += chunk) {
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(lo),
+                         static_cast<int32_t>(std::min(count[b], lo + chunk))});
+      }
+    }
+  }
+  group_begin.back() = static_cast<int64_t>(items.size());
+  return items;
+}
+
+// A finished attention over other keys, merged as one more split: normalised out [B, Hq, D]
+// in the query dtype and its lse [B, Hq] (-inf: nothing), e.g. Mustafar's dense window.
+template <typename T>
+struct Extra {
+  const T* out = nullptr;
+  const float* lse = nullptr;
+  int64_t so_b = 0, so_h = 0;
+};
+
+// Runs every item on the threads (run(item, acc, m, l) -> false on a bad page id), then merges
+// each (sequence, KV head)'s splits and `extra` by log-sum-exp into out (q's dtype) and lse.
+template <typename T, int D, typename Run>
+bool run_and_merge(const std::vector<Item>& items, const std::vector<int64_t>& group_begin, int64_t B,
+                   int64_t hkv, int G, const Run& run, const Extra<T>& extra, T* out, int64_t so_b, int64_t so_h,
+                   float* lse) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<float> pacc(std::max<int64_t>(1, n_items) * G * D), pm(n_items * G + 1), pl(n_items * G + 1);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1)) < n_items;) {
+      if (!run(items[i], pacc.data() + i * G * D, pm.data() + i * G, pl.data() + i * G)) ok = false;
+    }
+  });
+  at::parallel_for(0, B * hkv, kMergeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / hkv, h = bh % hkv;
+      for (int g = 0; g < G; ++g) {
+        const int64_t head = h * G + g;
+        const float e_lse = extra.lse ? extra.lse[b * hkv * G + head] : -std::numeric_limits<float>::infinity();
+        float mx = std::isfinite(e_lse) ? e_lse : kEmpty, sum = 0.f;
+        alignas(64) float o[D] = {};
+        for (int64_t i = group_begin[bh]; i < group_begin[bh + 1]; ++i) {
+          if (pl[i * G + g] > 0.f) mx = std::max(mx, pm[i * G + g]);
+        }
+        for (int64_t i = group_begin[bh]; i < group_begin[bh + 1]; ++i) {
+          if (pl[i * G + g] <= 0.f) continue;
+          const float w = std::exp(pm[i * G + g] - mx);
+          sum += pl[i * G + g] * w;
+          const float* a = pacc.data() + (i * G + g) * D;
+          for (int d = 0; d < D; ++d) o[d] += w * a[d];
+        }
+        if (std::isfinite(e_lse)) {  // a normalised output: its acc is out * 1, its sum 1
+          const float w = std::exp(e_lse - mx);
+          sum += w;
+          const T* e = extra.out + b * extra.so_b + head * extra.so_h;
+          for (int d = 0; d < D; ++d) o[d] += w * widen(e[d]);
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        T* dst = out + b * so_b + head * so_h;
+        for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+        if (lse) lse[b * hkv * G + head] = sum > 0.f ? mx + std::log(sum) : -std::numeric_limits<float>::infinity();
+      }
+    }
+  });
+  return ok.load();
+}
+
+}  // namespace sparsekv_decode

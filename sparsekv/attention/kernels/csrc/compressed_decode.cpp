@@ -227,19 +227,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
         out.data_ptr<T>(), out.stride(0), out.stride(1), lse.data_ptr<float>());
     TORCH_CHECK(ok, "compressed_decode_cpu: block_table holds a page id outside the KV pool");
   };
-  auto by_dim = [&](auto tag) {
-    switch (D) {
-      case 32: return run(tag, std::integral_constant<int, 32>{});
-      case 64: return run(tag, std::integral_constant<int, 64>{});
-      case 128: return run(tag, std::integral_constant<int, 128>{});
-      default: TORCH_CHECK(false, "compressed_decode_cpu: head dim ", D, " not compiled (32, 64, 128)");
-    }
-  };
-  if (q.scalar_type() == at::kFloat) {
-    by_dim(float{});
-  } else {
-    by_dim(c10::BFloat16{});
-  }
+  dispatch_dtype_dim(q.scalar_type(), D, "compressed_decode_cpu", run);
   return {out, lse};
 }
 

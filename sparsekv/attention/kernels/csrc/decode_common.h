@@ -4,7 +4,9 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sparsekv_decode {
@@ -260,6 +263,25 @@ bool run_and_merge(const std::vector<Item>& items, const std::vector<int64_t>& g
     }
   });
   return ok.load();
+}
+
+// Calls fn(T{}, std::integral_constant<int, D>{}) for the tensors' dtype (float32, else bfloat16)
+// and one of the compiled head dims: the one dispatch every decode op makes.
+template <typename F>
+void dispatch_dtype_dim(c10::ScalarType dtype, int64_t D, const char* op, F&& fn) {
+  auto by_dim = [&](auto tag) {
+    switch (D) {
+      case 32: return fn(tag, std::integral_constant<int, 32>{});
+      case 64: return fn(tag, std::integral_constant<int, 64>{});
+      case 128: return fn(tag, std::integral_constant<int, 128>{});
+      default: TORCH_CHECK(false, op, ": head dim ", D, " not compiled (32, 64, 128)");
+    }
+  };
+  if (dtype == c10::ScalarType::Float) {
+    by_dim(float{});
+  } else {
+    by_dim(c10::BFloat16{});
+  }
 }
 
 }  // namespace sparsekv_decode

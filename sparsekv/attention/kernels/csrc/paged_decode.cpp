@@ -164,19 +164,7 @@ std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k, c
         Extra<T>{}, out.data_ptr<T>(), out.stride(0), out.stride(1), return_lse ? lse.data_ptr<float>() : nullptr);
     TORCH_CHECK(ok, "paged_decode_cpu: block_table holds a page id outside the KV pool");
   };
-  auto by_dim = [&](auto tag) {
-    switch (D) {
-      case 32: return run(tag, std::integral_constant<int, 32>{});
-      case 64: return run(tag, std::integral_constant<int, 64>{});
-      case 128: return run(tag, std::integral_constant<int, 128>{});
-      default: TORCH_CHECK(false, "paged_decode_cpu: head dim ", D, " not compiled (32, 64, 128)");
-    }
-  };
-  if (q.scalar_type() == at::kFloat) {
-    by_dim(float{});
-  } else {
-    by_dim(c10::BFloat16{});
-  }
+  dispatch_dtype_dim(q.scalar_type(), D, "paged_decode_cpu", run);
   return {out, lse};
 }
 

@@ -51,3 +51,31 @@ def test_autograd_keeps_the_torch_path():
     x = torch.randn(2, 8, requires_grad=True)
     cpu_ops.rms_norm(x, torch.ones(8), 1e-5).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n,k", [(49, 576), (3, 40), (17, 1536)])
+@torch.inference_mode()
+def test_small_gemm_equals_linear(dtype, rows, n, k):
+    """Every tile shape, ragged rows/columns (clamped tiles) and a K with a scalar tail."""
+    g = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    for bias in (None, b):
+        want = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        got = cpu_ops.ops().small_gemm(x, w, bias)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        tol = 1e-4 * k**0.5 if dtype == torch.float32 else 0.02 * k**0.5
+        assert torch.allclose(got.double(), want, atol=tol, rtol=1e-2)
+
+
+@torch.inference_mode()
+def test_linear_routes_small_rows_to_the_kernel_and_takes_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=g)
+    x = torch.randn(20, 128, generator=g)[:, :96]  # row stride 128: a view of a wider tensor
+    for rows in (1, 16, 20):
+        assert torch.allclose(cpu_ops.linear(x[:rows], w), x[:rows] @ w.T, atol=1e-4)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        cpu_ops.ops().small_gemm(x, w, None)

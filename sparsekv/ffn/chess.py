@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparsekv.attention.kernels.cpu_ops import linear as gemm
 from sparsekv.ffn import kernels
 from sparsekv.ffn.backend import GatedMLP
 from sparsekv.ffn.sparse import ActivationSparseFFN, Rule, SparsePlan
@@ -48,10 +49,10 @@ class CHESS(ActivationSparseFFN):
     def forward(self, x: torch.Tensor, mlp: GatedMLP, layer: int, plan: SparsePlan) -> torch.Tensor:
         w = mlp.gate_up_proj.weight
         inter = w.shape[0] // 2
-        act = F.silu(F.linear(x, w[:inter]))
+        act = F.silu(gemm(x, w[:inter]))
         active = act.abs().float() > plan.rules[layer]["act"].thr
         if plan.rows is not None:  # prefill: dense GEMMs on the masked activation
-            return mlp.down_proj(act * (active | ~plan.rows[:, None]) * F.linear(x, w[inter:]))
+            return mlp.down_proj(act * (active | ~plan.rows[:, None]) * gemm(x, w[inter:]))
         idx = active.any(0).nonzero().squeeze(1)
         h = torch.zeros_like(act)
         h[:, idx] = act[:, idx] * active[:, idx] * kernels.gather_dot(x, w[inter:], idx)

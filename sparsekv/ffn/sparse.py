@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekv.attention.kernels.cpu_ops import silu_mul
+from sparsekv.attention.kernels.cpu_ops import linear as gemm, silu_mul
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.ffn import kernels
 from sparsekv.ffn.backend import FFNBackend, GatedMLP
@@ -74,7 +74,7 @@ def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Te
     bias = linear.bias if r is None or linear.bias is None else linear.bias[r[0]:r[1]]
     if rows is not None or x.shape[0] > SPARSE_KERNEL_MAX_ROWS:
         mask = keep_mask(x, rule) if rows is None else keep_mask(x, rule) | ~rows[:, None]
-        y = F.linear(x * mask, weight, bias)
+        y = gemm(x * mask, weight, bias)
     else:
         if rule.topk:  # the kernel's threshold 0 then keeps exactly the top-k (nonzero) inputs
             x, scale, thr = x * keep_mask(x, rule), None, torch.zeros_like(rule.thr)
@@ -84,7 +84,7 @@ def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Te
         y = y if bias is None else y + bias
     if r is None:
         return y
-    return torch.cat([y, F.linear(x, linear.weight[r[1]:], None if linear.bias is None else linear.bias[r[1]:])], -1)
+    return torch.cat([y, gemm(x, linear.weight[r[1]:], None if linear.bias is None else linear.bias[r[1]:])], -1)
 
 
 class ActivationSparseFFN(FFNBackend):

@@ -1,4 +1,5 @@
-"""A layer's small ops (RMSNorm with the residual add, rope, SiLU-and-mul), fused on CPU.
+"""A layer's small ops (RMSNorm with the residual add, rope, SiLU-and-mul) fused on CPU, and
+the small-row GEMM of decode steps.
 
 Each is one call of the compiled extension (csrc/layer_ops.cpp) on CPU float32/bfloat16 tensors
 and the PyTorch composition elsewhere; the composition is also the reference the tests compare
@@ -8,10 +9,12 @@ dispatch, which on a 135M model cost about as much as reading the attention's KV
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparsekv.attention.kernels.cpu_build import available, ops
 
 _DTYPES = (torch.float32, torch.bfloat16)
+SMALL_GEMM_MAX_ROWS = 16  # the compiled kernel's limit; MKL's sgemm reads weights at 0.3-0.6 of it below
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -59,3 +62,12 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a decode step's few rows on CPU go through the compiled small-row GEMM
+    (csrc/small_gemm.cpp), which streams each weight once at the read bandwidth."""
+    if (x.dim() == 2 and x.shape[0] <= SMALL_GEMM_MAX_ROWS and x.stride(-1) == 1 and _fused(x)
+            and weight.dtype == x.dtype and weight.is_contiguous() and weight.device.type == "cpu"):
+        return ops().small_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparsekv.attention.context import Attention, get_forward_context
-from sparsekv.attention.kernels.cpu_ops import rms_norm, rope_
+from sparsekv.attention.kernels.cpu_ops import linear, rms_norm, rope_
 from sparsekv.engine.models.rope import rope_cos_sin, rope_inv_freq
 from sparsekv.ffn.backend import routed_ffn, routed_linear
 
@@ -68,14 +68,21 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized inputs take the compiled small-row GEMM on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class LlamaAttention(nn.Module):
     """q/k/v projections and rope; attention itself is the seam's job."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.h, self.hkv, self.d = args.num_heads, args.num_kv_heads, args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.h * self.d, args.hidden_size, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=args.qkv_bias)
+        self.o_proj = Linear(self.h * self.d, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(self.d, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, args.rms_norm_eps)
@@ -98,8 +105,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return routed_ffn(self, x, self.layer)
@@ -146,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_inv_freq(args)  # rebuilt by the loader on the model's device

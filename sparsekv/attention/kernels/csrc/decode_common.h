@@ -125,17 +125,19 @@ inline void reset_state(int G, float* acc, float* m, float* l) {
   for (int g = 0; g < G; ++g) m[g] = kEmpty, l[g] = 0.f;
 }
 
-// One page of n fp32 rows into the online softmax. Per query head, scores of 16 rows at a time
-// (q in registers, one lane-sum tree), then the weighted V rows into register accumulators:
-// the page stays in L1 across the G heads.
-template <int D>
-inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, int64_t ks, const float* vp,
-                        int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
+// One page of n fp32 rows into the online softmax of GB query heads at once. Each phase runs
+// over all GB heads before the next (scores of 16 rows per lane-sum tree with q in registers,
+// then max, exp and sum, then V), so the heads' dependency chains overlap instead of queueing
+// one after another, and each V row is loaded once for all GB heads' register accumulators.
+template <int D, int GB>
+inline void attend_heads(const float* __restrict__ qf, const float* kp, int64_t ks, const float* vp, int64_t vs,
+                         int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
   constexpr int V = D / kLanes;
-  alignas(64) float s[kMaxPageSize + kLanes];
+  alignas(64) float s[GB][kMaxPageSize + kLanes];
   v16 lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
-  for (int g = 0; g < G; ++g) {
+  float mx[GB], alpha[GB];
+  for (int g = 0; g < GB; ++g) {
     v16 qv[V];
     for (int c = 0; c < V; ++c) qv[c] = load16(qf + g * D + c * kLanes);
     v16 top = splat(m[g]);
@@ -151,33 +153,55 @@ inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, in
         part[t] = a;
       }
       const v16 sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
-      *reinterpret_cast<v16u*>(s + t0) = sc;
+      *reinterpret_cast<v16u*>(s[g] + t0) = sc;
       top = top > sc ? top : sc;
     }
-    const float mx = lanes_max(top);
-    const float alpha = exp_neg(splat(m[g] - mx))[0];
+    mx[g] = lanes_max(top);
+  }
+  for (int g = 0; g < GB; ++g) {
+    alpha[g] = exp_neg(splat(m[g] - mx[g]))[0];
     v16 sum = {};
     for (int t0 = 0; t0 < n; t0 += kLanes) {
-      const v16 e = exp_neg(load16(s + t0) - mx);
-      *reinterpret_cast<v16u*>(s + t0) = e;
+      const v16 e = exp_neg(load16(s[g] + t0) - mx[g]);
+      *reinterpret_cast<v16u*>(s[g] + t0) = e;
       sum += e;
     }
-    l[g] = l[g] * alpha + lanes_sum(sum);
-    m[g] = mx;
-    v16 o[V], o2[V];  // even and odd rows: two FMA chains per chunk, where one waits on latency
-    for (int c = 0; c < V; ++c) o[c] = load16(acc + g * D + c * kLanes) * alpha, o2[c] = v16{};
-    int t = 0;
-    for (; t + 1 < n; t += 2) {
-      const float* vr = vp + t * vs;
-      for (int c = 0; c < V; ++c) {
-        o[c] += s[t] * load16(vr + c * kLanes);
-        o2[c] += s[t + 1] * load16(vr + vs + c * kLanes);
-      }
+    l[g] = l[g] * alpha[g] + lanes_sum(sum);
+    m[g] = mx[g];
+  }
+  v16 o[GB][V];
+  for (int g = 0; g < GB; ++g) {
+    for (int c = 0; c < V; ++c) o[g][c] = load16(acc + g * D + c * kLanes) * alpha[g];
+  }
+  for (int t = 0; t < n; ++t) {
+    v16 row[V];
+    for (int c = 0; c < V; ++c) row[c] = load16(vp + t * vs + c * kLanes);
+    for (int g = 0; g < GB; ++g) {
+      for (int c = 0; c < V; ++c) o[g][c] += s[g][t] * row[c];
     }
-    if (t < n) {
-      for (int c = 0; c < V; ++c) o[c] += s[t] * load16(vp + t * vs + c * kLanes);
+  }
+  for (int g = 0; g < GB; ++g) {
+    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[g][c];
+  }
+}
+
+// One page of n fp32 rows into the online softmax of all G heads (state acc [G, D], m, l [G]),
+// in chunks of heads whose V accumulators fit the 32 vector registers; the page stays in L1.
+template <int D>
+inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, int64_t ks, const float* vp,
+                        int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
+  constexpr int kMaxChunk = D >= 128 ? 2 : 4;
+  for (int g0 = 0; g0 < G;) {
+    const int gb = std::min(kMaxChunk, G - g0);
+    const float* q = qf + g0 * D;
+    float *a = acc + g0 * D, *mg = m + g0, *lg = l + g0;
+    switch (gb) {
+      case 4: attend_heads<D, 4>(q, kp, ks, vp, vs, n, a, mg, lg); break;
+      case 3: attend_heads<D, 3>(q, kp, ks, vp, vs, n, a, mg, lg); break;
+      case 2: attend_heads<D, 2>(q, kp, ks, vp, vs, n, a, mg, lg); break;
+      default: attend_heads<D, 1>(q, kp, ks, vp, vs, n, a, mg, lg); break;
     }
-    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[c] + o2[c];
+    g0 += gb;
   }
 }
 

@@ -28,7 +28,9 @@ namespace {
 
 using namespace sparsekv_decode;
 
-constexpr int kPrefetchPages = 2;  // how far ahead rows are requested (two pages ~ 1 us of work)
+// How far ahead rows are requested, only where the block table jumps: on consecutive pages
+// software prefetches only took fill buffers from the hardware prefetcher (Zen 4: 0.6x).
+constexpr int kPrefetchPages = 2;
 
 // A page's n rows of D values as fp32 with row stride `stride`: in place for fp32, widened
 // into `buf` (stride D) otherwise.
@@ -95,7 +97,7 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
     if (phys < 0) continue;
     const int64_t ahead =
         i + kPrefetchPages < it.hi ? find_page(p, it, i + kPrefetchPages, first, len, lo_ahead, n_ahead) : kSkipPage;
-    if (ahead >= 0) {
+    if (ahead >= 0 && ahead != phys + kPrefetchPages) {  // a consecutive run is the hardware prefetcher's
       prefetch_page<T, D>(p.k + ahead * p.sk_p + it.h * p.sk_h + lo_ahead * p.sk_t, p.sk_t, n_ahead - lo_ahead);
       prefetch_page<T, D>(p.v + ahead * p.sv_p + it.h * p.sv_h + lo_ahead * p.sv_t, p.sv_t, n_ahead - lo_ahead);
     }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sparsekv.attention.kernels.cpu_build import available, ops
 
 _DTYPES = (torch.float32, torch.bfloat16)
-SMALL_GEMM_MAX_ROWS = 16  # the compiled kernel's limit; MKL's sgemm reads weights at 0.3-0.6 of it below
+SMALL_GEMM_MAX_ROWS = 16  # the compiled kernel's row limit (csrc/small_gemm.cpp kMaxRows); MKL takes larger inputs
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -61,7 +61,6 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return ops().silu_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
-
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

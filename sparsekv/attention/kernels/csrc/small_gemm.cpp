@@ -1,6 +1,7 @@
 // out [M, N] = x [M, K] @ w [N, K]^T (+ bias) for the few rows of a decode step (M <= 16).
-// A decode step is bound by reading each weight once, but MKL's sgemm ran the tied lm_head
-// (1 x 576 @ 576 x 49152) at 0.6-0.8 of the read bandwidth and 16-row inputs at half of it.
+// A decode step is bound by reading each weight once, but MKL's sgemm read the default model's
+// weights at 0.23-0.35 of the read bandwidth at one row and 0.12-0.2 at 16 (Zen 4; the tied
+// lm_head at 0.6-0.8 on a Xeon), benchmarks/small_gemm.py.
 // Here each thread streams its own contiguous run of weight rows once: a tile of NB rows meets
 // MB input rows in 16 vector accumulators (MB * NB = 16), one shuffle tree turns them into 16
 // dot products, and the tile's rows stay in L1 while the other input rows pass over them.

@@ -45,9 +45,20 @@ constexpr int kPrefetchPages = 2;  // records of the page this far ahead are req
 template <int D>
 using BitWord = std::conditional_t<(D >= 64), uint64_t, uint32_t>;
 
-// The dense row of one record (zeros where channels were dropped) into dst [D], 64-byte aligned.
-template <int D>
-inline void expand_row(const float* val, const uint8_t* bitmap, float* __restrict__ dst) {
+#ifdef SPARSEKV_EXPAND_AVX512
+// The first cnt (<= 16) packed values at src as fp32 lanes, the rest 0 (bf16 widens by a shift).
+inline __m512 load_packed(const float* src, int cnt) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), src);
+}
+inline __m512 load_packed(const c10::BFloat16* src, int cnt) {
+  const __m256i x = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+#endif
+
+// The dense fp32 row of one record (zeros where channels were dropped) into dst [D], aligned to 64.
+template <typename T, int D>
+inline void expand_row(const T* val, const uint8_t* bitmap, float* __restrict__ dst) {
   using Word = BitWord<D>;
   constexpr int B = 8 * sizeof(Word);
   static_assert(D % B == 0, "head dim must be a multiple of the bitmap word");
@@ -59,31 +70,22 @@ inline void expand_row(const float* val, const uint8_t* bitmap, float* __restric
   for (int c = 0; c < D / kLanes; ++c) {
     const auto k = static_cast<__mmask16>(words[c / per_word] >> (kLanes * (c % per_word)));
     const int cnt = __builtin_popcount(static_cast<unsigned>(k));
-    const __m512 src = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), val + off);
-    _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, src));
+    _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, load_packed(val + off, cnt)));
     off += cnt;
   }
 #else
   for (int d = 0; d < D; ++d) dst[d] = 0.f;
   int j = 0;
   for (int w = 0; w < D / B; ++w) {
-    for (Word bits = words[w]; bits; bits &= bits - 1) dst[w * B + __builtin_ctzll(bits)] = val[j++];
+    for (Word bits = words[w]; bits; bits &= bits - 1) dst[w * B + __builtin_ctzll(bits)] = widen(val[j++]);
   }
 #endif
 }
 
-// n records (token strides sv, sb) as dense rows [n, D]; bf16 values widen into `wide` first.
+// n records (token strides sv, sb) as dense fp32 rows [n, D].
 template <typename T, int D>
-inline void expand_rows(const T* val, int64_t sv, const uint8_t* bitmap, int64_t sb, int keep, int n, float* wide,
-                        float* __restrict__ dst) {
-  for (int t = 0; t < n; ++t) {
-    const float* v = reinterpret_cast<const float*>(val + t * sv);
-    if constexpr (!std::is_same_v<T, float>) {
-      for (int j = 0; j < keep; ++j) wide[j] = widen(val[t * sv + j]);
-      v = wide;
-    }
-    expand_row<D>(v, bitmap + t * sb, dst + t * D);
-  }
+inline void expand_rows(const T* val, int64_t sv, const uint8_t* bitmap, int64_t sb, int n, float* __restrict__ dst) {
+  for (int t = 0; t < n; ++t) expand_row<T, D>(val + t * sv, bitmap + t * sb, dst + t * D);
 }
 
 template <typename T>
@@ -94,7 +96,7 @@ struct Params {
   int64_t sq_b, sq_h, sbt;
   int64_t sk[3], skb[3], sv[3], svb[3];  // page, KV head and token strides of the records
   int64_t num_pages;
-  int G, page_size, k_keep, v_keep;
+  int G, page_size;
   float scale;
 };
 
@@ -115,7 +117,6 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
   alignas(64) float qf[kMaxG * D];
   alignas(64) float kbuf[R * D];
   alignas(64) float vbuf[R * D];
-  alignas(64) float wide[std::is_same_v<T, float> ? 1 : D];
   load_queries<T, D>(p.q, p.sq_b, p.sq_h, it, p.G, p.scale, qf);
   reset_state<D>(p.G, acc, m, l);
   bool ok = true;
@@ -138,10 +139,8 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
     const uint8_t* vb = p.vb + phys * p.svb[0] + h * p.svb[1];
     for (int t0 = 0; t0 < n;) {
       const int rows = std::min(R - filled, n - t0);
-      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], kb + t0 * p.skb[2], p.skb[2], p.k_keep, rows, wide,
-                        kbuf + filled * D);
-      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vb + t0 * p.svb[2], p.svb[2], p.v_keep, rows, wide,
-                        vbuf + filled * D);
+      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], kb + t0 * p.skb[2], p.skb[2], rows, kbuf + filled * D);
+      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vb + t0 * p.svb[2], p.svb[2], rows, vbuf + filled * D);
       filled += rows;
       t0 += rows;
       if (filled == R) {
@@ -156,7 +155,8 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
 
 void check_records(const at::Tensor& vals, const at::Tensor& bits, const at::Tensor& q, const char* name) {
   TORCH_CHECK(vals.dim() == 4 && bits.dim() == 4 && bits.sizes().slice(0, 3) == vals.sizes().slice(0, 3) &&
-              bits.size(3) * 8 == q.size(2), name, ": values [pages, Hkv, ps, keep] and bitmaps [pages, Hkv, ps, D / 8]");
+              bits.size(3) * 8 == q.size(2),
+              name, ": values [pages, Hkv, ps, keep] and bitmaps [pages, Hkv, ps, D / 8]");
   TORCH_CHECK(vals.scalar_type() == q.scalar_type(), name, ": records must have q's dtype");
   TORCH_CHECK(bits.scalar_type() == at::kByte, name, ": bitmaps must be uint8");
   TORCH_CHECK(vals.stride(3) == 1 && bits.stride(3) == 1, name, ": records must be contiguous");
@@ -165,9 +165,10 @@ void check_records(const at::Tensor& vals, const at::Tensor& bits, const at::Ten
 }  // namespace
 
 // q [B, Hq, D]; kc/kb, vc/vb records: values [num_pages, Hkv, ps, keep] in q's dtype and uint8
-// channel bitmaps [num_pages, Hkv, ps, D / 8], each with exactly `keep` bits set; block_table int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense
-// window's normalised out [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D]
-// in q's dtype (normalised) and lse float32 [B, Hq] (-inf: nothing to read).
+// channel bitmaps [num_pages, Hkv, ps, D / 8], each with exactly `keep` bits set; block_table
+// int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense window's normalised out
+// [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D] in q's dtype (normalised)
+// and lse float32 [B, Hq] (-inf: nothing to read).
 std::tuple<at::Tensor, at::Tensor> compressed_decode(
     const at::Tensor& q, const at::Tensor& kc, const at::Tensor& kb, const at::Tensor& vc, const at::Tensor& vb,
     const at::Tensor& block_table, const at::Tensor& num_compressed, double scale,
@@ -208,8 +209,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
                 block_table.data_ptr<int32_t>(), nc, q.stride(0), q.stride(1), block_table.stride(0),
                 {kc.stride(0), kc.stride(1), kc.stride(2)}, {kb.stride(0), kb.stride(1), kb.stride(2)},
                 {vc.stride(0), vc.stride(1), vc.stride(2)}, {vb.stride(0), vb.stride(1), vb.stride(2)},
-                kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<int>(kc.size(3)),
-                static_cast<int>(vc.size(3)), static_cast<float>(scale)};
+                kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<float>(scale)};
     Extra<T> extra;
     if (merge) extra = {window_out->data_ptr<T>(), window_lse->data_ptr<float>(), window_out->stride(0),
                         window_out->stride(1)};

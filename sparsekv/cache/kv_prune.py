@@ -1,18 +1,16 @@
 """Mustafar's per-token magnitude pruning and the compressed token format it is stored in.
 
 Every pruned K or V vector keeps the same number of elements (exact top-|x|), so a compressed
-token is a fixed-size record: `keep` values in the cache dtype, in ascending channel order, plus
-a D-bit channel bitmap (uint8 [D // 8], little-endian: bit c, i.e. bit c % 8 of byte c // 8, set
-when channel c is kept; on a little-endian CPU byte 8w onward read as a uint64 is channels
-64w..64w+63). A value's channel is then the position of its set bit, and a channel's value sits
-at the popcount of the bits below it, so kernels expand a record straight from its bitmap (a
-masked expand per 16 channels) with no per-token index decoding, and the metadata is D / 8
-bytes rather than one byte per kept value: at D = 64 and 70% sparsity, 19 * 4 + 8 = 84 bytes in
-fp32 (0.33 of dense, against 0.37 with uint8 indices). Fixed records make a compressed page
-fixed-size too, so the paged pool stays a plain tensor that the block manager allocates page by
-page, and no offsets are needed. The paper's 64-element bitmap tiles need variable-length packed
-values and prefix-sum offsets; their bytes are given by `bitmap_tile_bytes` for comparison (see
-benchmarks/mustafar.py).
+token is a fixed-size record: `keep` values in the cache dtype, in ascending channel order, and
+a D-bit channel bitmap, uint8 [D // 8] with channel c at bit c % 8 of byte c // 8 (so on a
+little-endian CPU 8 bytes read as a uint64 are 64 channels). A kept channel's value sits at the
+popcount of the bits below it, so kernels expand a record straight from its bitmap, with no
+per-step index decoding, and the metadata costs D / 8 bytes instead of a byte per kept value
+(D = 64 at 70%: 19 * 4 + 8 = 84 bytes in fp32, 0.33 of dense; uint8 indices were 0.37).
+Fixed records keep a compressed page fixed-size, so the paged pool stays a plain tensor that the
+block manager allocates page by page, with no offsets. The paper's 64-element bitmap tiles need
+variable-length packed values and prefix-sum offsets; `bitmap_tile_bytes` gives their bytes for
+comparison (benchmarks/mustafar.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Mustafar on the default model: KV bytes, decode attention step, end-to-end decode, capacity.
 
-1. bytes: one compressed page (values + uint8 indices, metadata included) over a dense page at
-   each sparsity, from the pool's real tensors; the paper's bitmap tiles beside it, counted on
-   the same pruned K and V (K tiles run along tokens, V tiles along channels).
+1. bytes: one compressed page (per token `keep` values + a D-bit channel bitmap, metadata
+   included) over a dense page at each sparsity, from the pool's real tensors; the paper's
+   bitmap tiles beside it, counted on the same pruned K and V (K tiles run along tokens, V tiles
+   along channels).
 2. attention: one layer's decode step (batch requests of `length` cached tokens) through the
    Mustafar backend over a compressed cache vs the dense backend over a dense one, medians.
 3. e2e: decode tokens/s of one request after a `length`-token prompt, dense vs Mustafar.
@@ -66,7 +67,7 @@ def kv_bytes(geo: dict, sparsities: list[float]) -> list[dict]:
             layout = layout_for(s, d)
             cache = CompressedKVCache(1, 4, 1, ps, hkv, d, dtype, "cpu", layout)
             kv = cache.layers[0]
-            ours = sum(t[0, 0].nbytes for t in (kv.kc, kv.ki, kv.vc, kv.vi))
+            ours = sum(t[0, 0].nbytes for t in (kv.kc, kv.kb, kv.vc, kv.vb))
             paper = (bitmap_bytes(x, layout.k_keep, True, elem) + bitmap_bytes(x, layout.v_keep, False, elem)
                      + 2 * 4) / (x.shape[0] / ps)  # + the final offset of each head's K and V
             rows.append({"dtype": str(dtype).split(".")[-1], "sparsity": s, "k_keep": layout.k_keep,
@@ -149,7 +150,7 @@ def capacity(model: str | None, geo: dict, sparsity: float | None, seq_len: int,
         if layout is None:
             return kv_memory // dense_page
         left = kv_memory - layout.staging_rows(n, batched, ps) * dense_page
-        return left // layout.page_bytes(geo["layers"], ps, geo["hkv"], 4) if left > 0 else 0
+        return left // layout.page_bytes(geo["layers"], ps, geo["hkv"], geo["d"], 4) if left > 0 else 0
 
     n = 0
     while pages(n + 1) >= (n + 1) * per_seq:

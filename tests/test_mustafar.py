@@ -10,7 +10,7 @@ from sparsekv.attention.mustafar import materialise, request_kv
 from sparsekv.attention.paged import decode_attention, prefill_attention
 from sparsekv.cache.compressed import MustafarLayout
 from sparsekv.cache.kv_cache import KVCache
-from sparsekv.cache.kv_prune import compress, decompress, keep_count, prune, token_bytes
+from sparsekv.cache.kv_prune import compress, decompress, keep_count, pack_bits, prune, token_bytes, unpack_bits
 from sparsekv.config import SparsityConfig
 
 LAYOUT = MustafarLayout(k_keep=6, v_keep=8, local_window=8, compress_chunk=16)
@@ -19,16 +19,32 @@ LAYOUT = MustafarLayout(k_keep=6, v_keep=8, local_window=8, compress_chunk=16)
 @pytest.mark.parametrize("keep", [1, 7, 8, 9, 16])
 def test_round_trip_and_exact_count(keep):
     x = torch.randn(3, 5, 40, 16)
-    vals, idx = compress(x, keep)
-    assert vals.shape == idx.shape == (3, 5, 40, keep) and idx.dtype == torch.uint8
-    assert bool((idx[..., 1:] > idx[..., :-1]).all())  # ascending, hence distinct
-    y = decompress(vals, idx, 16)
-    assert bool(((y != 0).sum(-1) == keep).all())
-    kept = y != 0
-    assert torch.equal(y[kept], x[kept])  # the kept elements are stored bit-exactly
+    vals, bits = compress(x, keep)
+    assert vals.shape == (3, 5, 40, keep) and bits.shape == (3, 5, 40, 2) and bits.dtype == torch.uint8
+    mask = unpack_bits(bits)
+    assert bool((mask.sum(-1) == keep).all())  # every bitmap holds exactly `keep` channels
+    assert torch.equal(vals, x[mask].view(3, 5, 40, keep))  # the values in ascending channel order
+    y = decompress(vals, bits, 16)
+    assert torch.equal(y, prune(x, keep)) and torch.equal(y != 0, mask)
+    assert torch.equal(y[mask], x[mask])  # the kept elements are stored bit-exactly
     # and they are the largest |x| of each vector
-    assert bool((x.abs().masked_fill(kept, -1).amax(-1) <= x.abs().masked_fill(~kept, float("inf")).amin(-1)).all())
+    assert bool((x.abs().masked_fill(mask, -1).amax(-1) <= x.abs().masked_fill(~mask, float("inf")).amin(-1)).all())
     assert torch.equal(decompress(*compress(y, keep), 16), y)  # a pruned vector compresses losslessly
+
+
+@pytest.mark.parametrize("d", [8, 32, 64, 128])
+def test_bitmap_bit_order(d):
+    """Bit c % 8 of byte c // 8 is channel c, so 8 bytes read as a little-endian uint64 are 64
+    channels, as the kernels load them."""
+    channels = torch.tensor([0, 3, d - 1] + ([9, 63] if d >= 64 else []))
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[channels] = True
+    bits = pack_bits(mask)
+    assert bits.shape == (d // 8,) and torch.equal(unpack_bits(bits), mask)
+    word = int.from_bytes(bits.numpy().tobytes(), "little")
+    assert word == sum(1 << int(c) for c in channels.unique())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_bits(torch.ones(12, dtype=torch.bool))
 
 
 def test_keep_rules():
@@ -75,7 +91,7 @@ def test_appending_equals_compressing_the_concatenation():
     for layer in range(2):
         ra = request_kv(a.cache.layers[layer], torch.tensor(a.tables[0]), 71, c)
         rb = request_kv(b.cache.layers[layer], torch.tensor(b.tables[0]), 71, c)
-        for name in ("kc", "ki", "vc", "vi", "k", "v"):
+        for name in ("kc", "kb", "vc", "vb", "k", "v"):
             assert torch.equal(getattr(ra, name), getattr(rb, name)), name
 
 
@@ -134,9 +150,23 @@ def test_prefill_equals_token_by_token_decode():
 def test_page_bytes_match_the_tensors():
     drv = Driver(LAYOUT, num_pages=10)
     kv = drv.cache.layers[0]
-    measured = sum(x.nbytes for x in (kv.kc, kv.ki, kv.vc, kv.vi)) // 10 * 2  # two layers
-    assert measured == LAYOUT.page_bytes(2, 8, 2, 4)
-    assert token_bytes(19, 4) * 2 / (2 * 64 * 4) <= 0.40  # 70% at head_dim 64 in fp32: 0.37 of dense
+    assert kv.kb.shape == kv.vb.shape == (10, 2, 8, 2)  # [pages, Hkv, ps, D // 8]
+    measured = sum(x.nbytes for x in (kv.kc, kv.kb, kv.vc, kv.vb)) // 10 * 2  # two layers
+    assert measured == LAYOUT.page_bytes(2, 8, 2, 16, 4) == 2 * 2 * 8 * ((6 + 8) * 4 + 2 * 2)
+
+
+@pytest.mark.parametrize("keep,elem,d,want", [(19, 4, 64, 84), (32, 4, 64, 136), (19, 2, 64, 46), (38, 4, 128, 168),
+                                              (64, 2, 128, 144)])
+def test_token_bytes(keep, elem, d, want):
+    """keep values + D / 8 bitmap bytes: at 70% and head dim 64 in fp32, 84 of 256 bytes (0.33)."""
+    assert token_bytes(keep, elem, d) == want
+    x = torch.randn(2, d).to(torch.float32 if elem == 4 else torch.bfloat16)
+    assert sum(t[0].nbytes for t in compress(x, keep)) == want
+
+
+def test_head_dim_must_hold_whole_bitmap_bytes():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Driver(LAYOUT, d=12)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -187,13 +217,13 @@ def test_pool_grows_by_the_measured_factor(tiny_llama):
     pruned = LLM(tiny_llama, **args, sparsity=SMALL).engine
     runner, cache = pruned.runner, pruned.runner.kv_cache
     dense_page = dense.runner.kv_cache.layers[0].k[0].nbytes * 2 * len(cache.layers)
-    comp_page = sum(x[0].nbytes for kv in cache.layers for x in (kv.kc, kv.ki, kv.vc, kv.vi))
+    comp_page = sum(x[0].nbytes for kv in cache.layers for x in (kv.kc, kv.kb, kv.vc, kv.vb))
     rows = cache.layers[0].k.shape[0]
     assert rows == runner.layout.staging_rows(4, 64, 16)
     assert dense.runner.num_pages == (1 << 20) // dense_page
     assert runner.num_pages == ((1 << 20) - rows * dense_page) // comp_page
     assert pruned.block_manager.num_free_blocks == runner.num_pages
-    assert dense_page / comp_page == pytest.approx(2 * 16 * 4 / (5 * 5 + 5 * 5))  # 0.7: 5 of 16 kept
+    assert dense_page / comp_page == pytest.approx(2 * 16 * 4 / (2 * (5 * 4 + 2)))  # 0.7: 5 of 16 + 2 bitmap bytes
     assert runner.num_pages > 1.8 * dense.runner.num_pages
 
 

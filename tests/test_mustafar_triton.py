@@ -1,5 +1,6 @@
-"""The Mustafar Triton decode (register decompression, split-K, merged with the paged-decode
-kernel's dense window) against the PyTorch path, under the interpreter at small fp32 shapes.
+"""The Mustafar Triton decode (bitmap decompression in registers, split-K, merged with the
+paged-decode kernel's dense window) against the PyTorch path, under the interpreter at small
+fp32 shapes.
 The interpreter must be chosen before triton is imported."""
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from mustafar_cases import Driver  # noqa: E402
 from sparsekv.cache.compressed import MustafarLayout  # noqa: E402
 
 
-@pytest.mark.parametrize("hq,hkv,k_keep,v_keep", [(4, 2, 6, 8), (4, 1, 16, 3), (2, 2, 1, 5)])
-def test_triton_decode_matches_pytorch(hq, hkv, k_keep, v_keep):
+@pytest.mark.parametrize("d,hq,hkv,k_keep,v_keep", [(16, 4, 2, 6, 8), (16, 4, 1, 16, 3), (16, 2, 2, 1, 5),
+                                                    (32, 4, 2, 10, 32)])
+def test_triton_decode_matches_pytorch(d, hq, hkv, k_keep, v_keep, monkeypatch):
+    from sparsekv.attention.kernels import cpu_compressed
+
+    monkeypatch.setattr(cpu_compressed, "available", lambda: False)  # the CPU side: the PyTorch path
     layout = MustafarLayout(k_keep, v_keep, local_window=8, compress_chunk=16)
     outs = []
     for device in ("cpu", "cuda"):  # two identical caches (same seed), one per path
-        drv = Driver(layout, hq=hq, hkv=hkv, layers=1)
+        drv = Driver(layout, hq=hq, hkv=hkv, d=d, layers=1)
         drv.step({0: drv.stream(75), 1: drv.stream(9), 2: drv.stream(140)})
-        q = torch.randn(3, hq, 16, generator=torch.Generator().manual_seed(1))
+        q = torch.randn(3, hq, d, generator=torch.Generator().manual_seed(1))
         outs.append(drv.step({s: drv.stream(1) for s in (0, 1, 2)}, "decode", q=q, device=device)[0])
     assert drv.layout.compressed_len(140) == 128  # several splits of compressed tokens, one request with none
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)

@@ -3,10 +3,10 @@
 The cache (cache/compressed.py) holds a request's oldest tokens as fixed-size compressed records
 and its recent ones dense. Decode scores the query against both in one softmax, as the paper
 does: [SpMV(K_c, q) || q K_local^T], then out = SpMV(V_c^T, p_c) + p_local V_local. The PyTorch
-path reads only the compressed records (gathering q at each kept channel for the keys,
-scatter-adding p * value at each kept channel for the values); the Triton path decompresses in
-registers (kernels/compressed_decode.py) and merges with the dense window from the paged-decode
-kernel.
+path (the reference, and the fallback where no kernel applies) expands a request's records into
+dense rows from their channel bitmaps and attends them with the window in one softmax; the
+compiled CPU kernel expands them block by block in L1 and the Triton one in registers
+(kernels/compressed_decode.py, merged with the dense window from the paged-decode kernel).
 
 Prefill runs dense attention (SDPA) over the context materialised per layer, under the rule
 decode follows: a query at position p reads tokens [0, compressed_len(p)) pruned and the rest
@@ -27,20 +27,20 @@ import torch
 from sparsekv.attention.backend import AttentionBackend, Plan, register
 from sparsekv.attention.kernels import cpu_compressed, cpu_decode
 from sparsekv.attention.metadata import BatchGroup
-from sparsekv.attention.paged import prefill_attention
+from sparsekv.attention.paged import decode_segments, prefill_attention
 from sparsekv.cache.compressed import CompressedLayerKV, MustafarLayout
 from sparsekv.cache.kv_prune import decompress, prune
 
 
 @dataclass
 class RequestKV:
-    """One request's cache, split as attention reads it: compressed records [Hkv, Tc, keep]
-    (kc, ki, vc, vi) and the dense window [Hkv, Lw, D] (k, v)."""
+    """One request's cache, split as attention reads it: compressed records, values [Hkv, Tc, keep]
+    (kc, vc) and bitmaps uint8 [Hkv, Tc, D // 8] (kb, vb), and the dense window [Hkv, Lw, D] (k, v)."""
 
     kc: torch.Tensor
-    ki: torch.Tensor
+    kb: torch.Tensor
     vc: torch.Tensor
-    vi: torch.Tensor
+    vb: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
 
@@ -56,33 +56,21 @@ def request_kv(kv: CompressedLayerKV, table: torch.Tensor, seq_len: int, num_com
         xh = x.transpose(0, 1)  # [Hkv, num, ps, width]
         return xh[:, ids].reshape(xh.shape[0], -1, xh.shape[-1])[:, :length]
 
-    comp = [take(x, pages, num_compressed) for x in (kv.kc, kv.ki, kv.vc, kv.vi)]
+    comp = [take(x, pages, num_compressed) for x in (kv.kc, kv.kb, kv.vc, kv.vb)]
     return RequestKV(*comp, take(kv.k, rows, seq_len - num_compressed), take(kv.v, rows, seq_len - num_compressed))
 
 
 def compressed_decode_torch(q: torch.Tensor, r: RequestKV, scale: float) -> torch.Tensor:
     """One query [Hq, D] over a request's compressed records and dense window -> [Hq, D]."""
-    hq, d = q.shape
-    hkv, tc = r.kc.shape[0], r.kc.shape[1]
-    g = hq // hkv
-    qg = q.view(hkv, g, d)
-    kidx = r.ki.long().reshape(hkv, 1, -1).expand(-1, g, -1)
-    qsel = torch.gather(qg, 2, kidx).view(hkv, g, tc, r.kc.shape[-1])
-    s_c = (qsel * r.kc.unsqueeze(1)).sum(-1)  # [Hkv, G, Tc]
-    s_w = torch.matmul(qg, r.k.transpose(1, 2))  # [Hkv, G, Lw]
-    p = torch.softmax(torch.cat([s_c, s_w], -1).float() * scale, -1).to(q.dtype)
-    out = torch.matmul(p[..., tc:], r.v)  # [Hkv, G, D]
-    if tc:
-        vidx = r.vi.long().reshape(hkv, 1, -1).expand(-1, g, -1)
-        contrib = (p[..., :tc].unsqueeze(-1) * r.vc.unsqueeze(1)).reshape(hkv, g, -1)
-        out.scatter_add_(2, vidx, contrib)
-    return out.reshape(hq, d)
+    d = r.k.shape[-1]
+    pruned = decompress(r.kc, r.kb, d), decompress(r.vc, r.vb, d)
+    return decode_segments(q, [pruned, (r.k, r.v)], scale)
 
 
 def materialise(r: RequestKV) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [Hkv, L, D] keys and values of a request: its pruned prefix, then its window."""
     d = r.k.shape[-1]
-    return (torch.cat([decompress(r.kc, r.ki, d), r.k], 1), torch.cat([decompress(r.vc, r.vi, d), r.v], 1))
+    return (torch.cat([decompress(r.kc, r.kb, d), r.k], 1), torch.cat([decompress(r.vc, r.vb, d), r.v], 1))
 
 
 def prefill_pruned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: MustafarLayout,
@@ -150,7 +138,7 @@ class MustafarBackend(AttentionBackend):
         if cpu_compressed.supports(q) and cpu_compressed.available():
             nc, win = window_tables(kv, g, step)
             window = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, win.block_table, win.seq_lens, scale, return_lse=True)
-            return cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, scale,
+            return cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.kb, kv.vc, kv.vb, g.block_table, nc, scale,
                                                         window)[0]
         out = torch.empty_like(q)
         for i in range(g.num_reqs):
@@ -213,7 +201,7 @@ class MustafarTriton(MustafarBackend):
         from sparsekv.attention.kernels.decode import paged_decode
 
         nc, win = window_tables(kv, g, step)
-        o_c, lse_c = compressed_decode(q, kv.kc, kv.ki, kv.vc, kv.vi, g.block_table, nc, g.query_start, scale,
+        o_c, lse_c = compressed_decode(q, kv.kc, kv.kb, kv.vc, kv.vb, g.block_table, nc, g.query_start, scale,
                                        max(step.num_compressed))
         o_w, lse_w = paged_decode(q, kv, win, scale, return_lse=True)
         return merge_window(q, o_c, lse_c, o_w, lse_w, g.query_start)

@@ -34,9 +34,9 @@ class MustafarLayout:
         """Tokens stored compressed once a request holds seq_len tokens."""
         return max(0, seq_len - self.local_window) // self.compress_chunk * self.compress_chunk
 
-    def page_bytes(self, num_layers: int, page_size: int, num_kv_heads: int, elem: int) -> int:
+    def page_bytes(self, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, elem: int) -> int:
         """Bytes of one compressed page over all layers (K and V records)."""
-        per_token = token_bytes(self.k_keep, elem) + token_bytes(self.v_keep, elem)
+        per_token = token_bytes(self.k_keep, elem, head_dim) + token_bytes(self.v_keep, elem, head_dim)
         return num_layers * num_kv_heads * page_size * per_token
 
     def staging_rows(self, max_num_seqs: int, max_num_batched_tokens: int, page_size: int) -> int:
@@ -49,22 +49,23 @@ class MustafarLayout:
 
 @dataclass(eq=False, kw_only=True)
 class CompressedLayerKV(LayerKV):
-    """k, v are the dense staging rows [num_rows, Hkv, ps, D]; kc/ki and vc/vi the compressed
-    pages [num_pages, Hkv, ps, keep] (values, uint8 channel indices), head-major underneath.
-    `rows` maps a page to its staging row (-1: none), shared by every layer."""
+    """k, v are the dense staging rows [num_rows, Hkv, ps, D]; kc/kb and vc/vb the compressed
+    pages: values [num_pages, Hkv, ps, keep] and channel bitmaps uint8 [num_pages, Hkv, ps, D // 8]
+    (kv_prune.py), head-major underneath. `rows` maps a page to its staging row (-1: none),
+    shared by every layer."""
 
     kc: torch.Tensor
-    ki: torch.Tensor
+    kb: torch.Tensor
     vc: torch.Tensor
-    vi: torch.Tensor
+    vb: torch.Tensor
     rows: torch.Tensor
     layout: MustafarLayout
 
     def compress_pages(self, pages: torch.Tensor, rows: torch.Tensor) -> None:
         """Prune the staged tokens of `pages` (held in `rows`) into their compressed records."""
-        for dense, vals, idx, keep in ((self.k, self.kc, self.ki, self.layout.k_keep),
-                                       (self.v, self.vc, self.vi, self.layout.v_keep)):
-            vals[pages], idx[pages] = compress(dense[rows], keep)
+        for dense, vals, bits, keep in ((self.k, self.kc, self.kb, self.layout.k_keep),
+                                        (self.v, self.vc, self.vb, self.layout.v_keep)):
+            vals[pages], bits[pages] = compress(dense[rows], keep)
 
 
 def _head_major(num_pages: int, hkv: int, ps: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -77,6 +78,8 @@ class CompressedKVCache(KVCache):
         if layout.compress_chunk % page_size:
             raise ValueError(f"kv.compress_chunk {layout.compress_chunk} must be a multiple of the "
                              f"KV page size {page_size}")
+        if head_dim % 8:
+            raise ValueError(f"Mustafar's channel bitmaps need a head dim that is a multiple of 8, not {head_dim}")
         self.page_size, self.num_pages, self.layout = page_size, num_pages, layout
         self.rows = torch.full((num_pages,), -1, dtype=torch.long)  # host master
         self.rows_dev = self.rows.to(device)
@@ -86,9 +89,9 @@ class CompressedKVCache(KVCache):
             self.layers.append(CompressedLayerKV(
                 k=staged.k, v=staged.v, rows=self.rows_dev, layout=layout,
                 kc=_head_major(num_pages, num_kv_heads, page_size, layout.k_keep, dtype, device),
-                ki=_head_major(num_pages, num_kv_heads, page_size, layout.k_keep, torch.uint8, device),
+                kb=_head_major(num_pages, num_kv_heads, page_size, head_dim // 8, torch.uint8, device),
                 vc=_head_major(num_pages, num_kv_heads, page_size, layout.v_keep, dtype, device),
-                vi=_head_major(num_pages, num_kv_heads, page_size, layout.v_keep, torch.uint8, device)))
+                vb=_head_major(num_pages, num_kv_heads, page_size, head_dim // 8, torch.uint8, device)))
         self.fill = torch.zeros(num_pages, dtype=torch.long, device=device)
         self.specs = {}
         self._free_rows = list(range(num_rows - 1, -1, -1))

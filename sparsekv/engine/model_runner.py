@@ -79,7 +79,8 @@ class ModelRunner:
         self.layout, staging = self._mustafar_layout(config)
         if self.layout is not None:  # staging rows first, then compressed pages from what is left
             budget -= staging * per_page
-            per_page = self.layout.page_bytes(a.num_layers, self.page_size, a.num_kv_heads, self.dtype.itemsize)
+            per_page = self.layout.page_bytes(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim,
+                                              self.dtype.itemsize)
         self.num_pages = min(max(budget // per_page, 1), need)
         if self.num_pages * self.page_size < max_model_len:
             raise ValueError(f"the KV cache ({self.num_pages} pages of {self.page_size} tokens) cannot hold one "

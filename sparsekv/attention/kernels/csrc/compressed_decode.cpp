@@ -1,15 +1,16 @@
 // Decode attention over Mustafar-compressed tokens on CPU: one query token per sequence.
 //
-// A compressed token is `keep` values (fp32 or bf16) with their ascending uint8 channel
-// indices. The scheme is the dense kernel's (decode_common.h): split-K items over (sequence,
-// KV head, page range) on the threads, the G query heads of a GQA group sharing each page, 16
-// keys scored per vector, vectorised exp, the log-sum-exp merge. The compressed kernel only
-// changes how a block of tokens becomes fp32 rows in L1: each record is expanded into its dense
-// D-float row once (for all G heads), so the bytes read from memory are the records' alone.
-// With AVX-512 a record becomes its channel bitmap (1 << index, OR-reduced, 8 indices per
-// vector) and each 16-channel chunk of the row is one masked expand of the packed values; on
-// other CPUs the values are stored into a zeroed row one by one. The dense window of recent
-// tokens can be merged in as one more split, so the step's output comes out of one call.
+// A compressed token is `keep` values (fp32 or bf16) in ascending channel order and a D-bit
+// channel bitmap (uint8 [D / 8], bit c % 8 of byte c / 8 = channel c kept). The scheme is the
+// dense kernel's (decode_common.h): split-K items over (sequence, KV head, page range) on the
+// threads, the G query heads of a GQA group sharing each page, 16 keys scored per vector,
+// vectorised exp, the log-sum-exp merge. The compressed kernel only changes how a block of
+// tokens becomes fp32 rows in L1: each record is expanded into its dense D-float row once (for
+// all G heads), so the bytes read from memory are the records' alone. The stored bitmap is read
+// as words of 64 channels (32 at D = 32); with AVX-512 each 16-channel chunk of the row is one
+// masked expand of the packed values under that chunk's 16 bits, on other CPUs the values are
+// stored into a zeroed row at the set bits. The dense window of recent tokens can be merged in
+// as one more split, so the step's output comes out of one call.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -38,81 +40,72 @@ template <int D>
 constexpr int kBlockRows = 4096 / D;
 constexpr int kPrefetchPages = 2;  // records of the page this far ahead are requested
 
+// A record's bitmap is read as words of 64 channels (32 at D = 32): channel c is bit c % B of
+// word c / B on a little-endian CPU.
+template <int D>
+using BitWord = std::conditional_t<(D >= 64), uint64_t, uint32_t>;
+
 #ifdef SPARSEKV_EXPAND_AVX512
-// Kept-channel bitmap of one record in W words of 64 channels: 1 << index per lane, 8 indices
-// per vector, OR-reduced once at the end.
-template <int W>
-inline void record_bits(const uint8_t* idx, int keep, uint64_t* bits) {
-  __m512i acc[W];
-  for (int w = 0; w < W; ++w) acc[w] = _mm512_setzero_si512();
-  const __m512i one = _mm512_set1_epi64(1);
-  for (int j = 0; j < keep; j += 8) {
-    const __mmask8 valid = keep - j >= 8 ? 0xFF : static_cast<__mmask8>((1u << (keep - j)) - 1);
-    const __m512i x = _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(valid, idx + j));
-    for (int w = 0; w < W; ++w) {  // shifts of 64 or more (other words' channels) give 0
-      const __m512i sh = _mm512_sub_epi64(x, _mm512_set1_epi64(64 * w));
-      acc[w] = _mm512_or_si512(acc[w], _mm512_maskz_sllv_epi64(valid, one, sh));
-    }
-  }
-  for (int w = 0; w < W; ++w) bits[w] = static_cast<uint64_t>(_mm512_reduce_or_epi64(acc[w]));
+// The first cnt (<= 16) packed values at src as fp32 lanes, the rest 0 (bf16 widens by a shift).
+inline __m512 load_packed(const float* src, int cnt) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), src);
+}
+inline __m512 load_packed(const c10::BFloat16* src, int cnt) {
+  const __m256i x = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
 #endif
 
-// The dense row of one record (zeros where channels were dropped) into dst [D], 64-byte aligned.
-template <int D>
-inline void expand_row(const float* val, const uint8_t* idx, int keep, float* __restrict__ dst) {
+// The dense fp32 row of one record (zeros where channels were dropped) into dst [D], aligned to 64.
+template <typename T, int D>
+inline void expand_row(const T* val, const uint8_t* bitmap, float* __restrict__ dst) {
+  using Word = BitWord<D>;
+  constexpr int B = 8 * sizeof(Word);
+  static_assert(D % B == 0, "head dim must be a multiple of the bitmap word");
+  Word words[D / B];
+  std::memcpy(words, bitmap, D / 8);  // records are only byte-aligned
 #ifdef SPARSEKV_EXPAND_AVX512
-  constexpr int W = (D + 63) / 64;
-  uint64_t bits[W];
-  record_bits<W>(idx, keep, bits);
+  constexpr int per_word = B / kLanes;
   int off = 0;
   for (int c = 0; c < D / kLanes; ++c) {
-    const auto k = static_cast<__mmask16>(bits[c / 4] >> (16 * (c % 4)));
+    const auto k = static_cast<__mmask16>(words[c / per_word] >> (kLanes * (c % per_word)));
     const int cnt = __builtin_popcount(static_cast<unsigned>(k));
-    const __m512 src = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1), val + off);
-    _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, src));
+    _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, load_packed(val + off, cnt)));
     off += cnt;
   }
 #else
   for (int d = 0; d < D; ++d) dst[d] = 0.f;
-  for (int j = 0; j < keep; ++j) {
-    if (idx[j] < D) dst[idx[j]] = val[j];
+  int j = 0;
+  for (int w = 0; w < D / B; ++w) {
+    for (Word bits = words[w]; bits; bits &= bits - 1) dst[w * B + __builtin_ctzll(bits)] = widen(val[j++]);
   }
 #endif
 }
 
-// n records (token strides sv, si) as dense rows [n, D]; bf16 values widen into `wide` first.
+// n records (token strides sv, sb) as dense fp32 rows [n, D].
 template <typename T, int D>
-inline void expand_rows(const T* val, int64_t sv, const uint8_t* idx, int64_t si, int keep, int n, float* wide,
-                        float* __restrict__ dst) {
-  for (int t = 0; t < n; ++t) {
-    const float* v = reinterpret_cast<const float*>(val + t * sv);
-    if constexpr (!std::is_same_v<T, float>) {
-      for (int j = 0; j < keep; ++j) wide[j] = widen(val[t * sv + j]);
-      v = wide;
-    }
-    expand_row<D>(v, idx + t * si, keep, dst + t * D);
-  }
+inline void expand_rows(const T* val, int64_t sv, const uint8_t* bitmap, int64_t sb, int n, float* __restrict__ dst) {
+  for (int t = 0; t < n; ++t) expand_row<T, D>(val + t * sv, bitmap + t * sb, dst + t * D);
 }
 
 template <typename T>
 struct Params {
   const T *q, *kc, *vc;
-  const uint8_t *ki, *vi;
+  const uint8_t *kb, *vb;  // channel bitmaps
   const int32_t *bt, *nc;
   int64_t sq_b, sq_h, sbt;
-  int64_t sk[3], ski[3], sv[3], svi[3];  // page, KV head and token strides of the records
+  int64_t sk[3], skb[3], sv[3], svb[3];  // page, KV head and token strides of the records
   int64_t num_pages;
-  int G, page_size, k_keep, v_keep;
+  int G, page_size;
   float scale;
 };
 
 template <typename T>
 inline void prefetch_records(const Params<T>& p, int64_t phys, int64_t h, int n) {
   prefetch_bytes(p.kc + phys * p.sk[0] + h * p.sk[1], n * p.sk[2] * static_cast<int64_t>(sizeof(T)));
-  prefetch_bytes(p.ki + phys * p.ski[0] + h * p.ski[1], n * p.ski[2]);
+  prefetch_bytes(p.kb + phys * p.skb[0] + h * p.skb[1], n * p.skb[2]);
   prefetch_bytes(p.vc + phys * p.sv[0] + h * p.sv[1], n * p.sv[2] * static_cast<int64_t>(sizeof(T)));
-  prefetch_bytes(p.vi + phys * p.svi[0] + h * p.svi[1], n * p.svi[2]);
+  prefetch_bytes(p.vb + phys * p.svb[0] + h * p.svb[1], n * p.svb[2]);
 }
 
 // Online softmax of one item's compressed pages, kBlockRows tokens expanded at a time.
@@ -124,7 +117,6 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
   alignas(64) float qf[kMaxG * D];
   alignas(64) float kbuf[R * D];
   alignas(64) float vbuf[R * D];
-  alignas(64) float wide[std::is_same_v<T, float> ? 1 : D];
   load_queries<T, D>(p.q, p.sq_b, p.sq_h, it, p.G, p.scale, qf);
   reset_state<D>(p.G, acc, m, l);
   bool ok = true;
@@ -142,15 +134,13 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
       if (ahead >= 0 && ahead < p.num_pages) prefetch_records(p, ahead, h, std::min<int64_t>(ps, len - ia * ps));
     }
     const T* kc = p.kc + phys * p.sk[0] + h * p.sk[1];
-    const uint8_t* ki = p.ki + phys * p.ski[0] + h * p.ski[1];
+    const uint8_t* kb = p.kb + phys * p.skb[0] + h * p.skb[1];
     const T* vc = p.vc + phys * p.sv[0] + h * p.sv[1];
-    const uint8_t* vi = p.vi + phys * p.svi[0] + h * p.svi[1];
+    const uint8_t* vb = p.vb + phys * p.svb[0] + h * p.svb[1];
     for (int t0 = 0; t0 < n;) {
       const int rows = std::min(R - filled, n - t0);
-      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], ki + t0 * p.ski[2], p.ski[2], p.k_keep, rows, wide,
-                        kbuf + filled * D);
-      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vi + t0 * p.svi[2], p.svi[2], p.v_keep, rows, wide,
-                        vbuf + filled * D);
+      expand_rows<T, D>(kc + t0 * p.sk[2], p.sk[2], kb + t0 * p.skb[2], p.skb[2], rows, kbuf + filled * D);
+      expand_rows<T, D>(vc + t0 * p.sv[2], p.sv[2], vb + t0 * p.svb[2], p.svb[2], rows, vbuf + filled * D);
       filled += rows;
       t0 += rows;
       if (filled == R) {
@@ -163,27 +153,30 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
   return ok;
 }
 
-void check_records(const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(vals.dim() == 4 && idx.sizes() == vals.sizes(), name, ": values and indices [pages, Hkv, ps, keep]");
+void check_records(const at::Tensor& vals, const at::Tensor& bits, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(vals.dim() == 4 && bits.dim() == 4 && bits.sizes().slice(0, 3) == vals.sizes().slice(0, 3) &&
+              bits.size(3) * 8 == q.size(2),
+              name, ": values [pages, Hkv, ps, keep] and bitmaps [pages, Hkv, ps, D / 8]");
   TORCH_CHECK(vals.scalar_type() == q.scalar_type(), name, ": records must have q's dtype");
-  TORCH_CHECK(idx.scalar_type() == at::kByte, name, ": indices must be uint8");
-  TORCH_CHECK(vals.stride(3) == 1 && idx.stride(3) == 1, name, ": records must be contiguous");
+  TORCH_CHECK(bits.scalar_type() == at::kByte, name, ": bitmaps must be uint8");
+  TORCH_CHECK(vals.stride(3) == 1 && bits.stride(3) == 1, name, ": records must be contiguous");
 }
 
 }  // namespace
 
-// q [B, Hq, D]; kc/ki, vc/vi [num_pages, Hkv, ps, keep] records (values in q's dtype, uint8
-// indices); block_table int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense
-// window's normalised out [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D]
-// in q's dtype (normalised) and lse float32 [B, Hq] (-inf: nothing to read).
+// q [B, Hq, D]; kc/kb, vc/vb records: values [num_pages, Hkv, ps, keep] in q's dtype and uint8
+// channel bitmaps [num_pages, Hkv, ps, D / 8], each with exactly `keep` bits set; block_table
+// int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense window's normalised out
+// [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D] in q's dtype (normalised)
+// and lse float32 [B, Hq] (-inf: nothing to read).
 std::tuple<at::Tensor, at::Tensor> compressed_decode(
-    const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ki, const at::Tensor& vc, const at::Tensor& vi,
+    const at::Tensor& q, const at::Tensor& kc, const at::Tensor& kb, const at::Tensor& vc, const at::Tensor& vb,
     const at::Tensor& block_table, const at::Tensor& num_compressed, double scale,
     const std::optional<at::Tensor>& window_out, const std::optional<at::Tensor>& window_lse) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, Hq, D] with unit stride over D");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-  check_records(kc, ki, q, "keys");
-  check_records(vc, vi, q, "values");
+  check_records(kc, kb, q, "keys");
+  check_records(vc, vb, q, "values");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1,
               "block_table int32 [B, max_pages]");
   TORCH_CHECK(num_compressed.scalar_type() == at::kInt && num_compressed.is_contiguous(), "num_compressed int32 [B]");
@@ -212,12 +205,11 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
   auto run = [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int Dc = decltype(dim)::value;
-    Params<T> p{q.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), ki.data_ptr<uint8_t>(), vi.data_ptr<uint8_t>(),
+    Params<T> p{q.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), kb.data_ptr<uint8_t>(), vb.data_ptr<uint8_t>(),
                 block_table.data_ptr<int32_t>(), nc, q.stride(0), q.stride(1), block_table.stride(0),
-                {kc.stride(0), kc.stride(1), kc.stride(2)}, {ki.stride(0), ki.stride(1), ki.stride(2)},
-                {vc.stride(0), vc.stride(1), vc.stride(2)}, {vi.stride(0), vi.stride(1), vi.stride(2)},
-                kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<int>(kc.size(3)),
-                static_cast<int>(vc.size(3)), static_cast<float>(scale)};
+                {kc.stride(0), kc.stride(1), kc.stride(2)}, {kb.stride(0), kb.stride(1), kb.stride(2)},
+                {vc.stride(0), vc.stride(1), vc.stride(2)}, {vb.stride(0), vb.stride(1), vb.stride(2)},
+                kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<float>(scale)};
     Extra<T> extra;
     if (merge) extra = {window_out->data_ptr<T>(), window_lse->data_ptr<float>(), window_out->stride(0),
                         window_out->stride(1)};
@@ -232,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
 }
 
 TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
-  m.def("compressed_decode(Tensor q, Tensor kc, Tensor ki, Tensor vc, Tensor vi, Tensor block_table, "
+  m.def("compressed_decode(Tensor q, Tensor kc, Tensor kb, Tensor vc, Tensor vb, Tensor block_table, "
         "Tensor num_compressed, float scale, Tensor? window_out, Tensor? window_lse) -> (Tensor, Tensor)",
         &compressed_decode);
 }

@@ -80,13 +80,17 @@ class BlockManager:
         total = seq.num_computed_tokens - seq.num_evicted_tokens + num_hits * self.block_size + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table) - num_hits)
 
+    def can_allocate(self, seq: PagedSequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
+        """Whether the pool can give seq the pages for num_new_tokens more (after the prefix hits)."""
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return self.blocks_needed(seq, num_new_tokens, len(hits)) + revived <= len(self.free)
+
     def allocate(self, seq: PagedSequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
         """Give seq the pages for its next num_new_tokens (after taking the prefix hits).
         Returns False, changing nothing, when the pool cannot provide them."""
-        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        need = self.blocks_needed(seq, num_new_tokens, len(hits))
-        if need + revived > len(self.free):
+        if not self.can_allocate(seq, num_new_tokens, hits):
             return False
+        need = self.blocks_needed(seq, num_new_tokens, len(hits))
         for b in hits:
             block = self.blocks[b]
             if block.ref_count == 0:

@@ -2,7 +2,8 @@
 
 Each sequence wants its computed tokens to catch up with its known tokens. Handing out the
 budget this way covers chunked prefill, prefix-cache hits, decode and mixed batches at once.
-When pages run out, the newest running sequence is preempted by recompute.
+When pages run out, the newest running sequence is preempted by recompute; beside running
+requests a waiting one is admitted only when its whole prompt fits the free pages.
 """
 from __future__ import annotations
 
@@ -51,8 +52,12 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.bm.lookup(seq, seq.prefix_hit_limit) if not seq.block_table else []
-            n = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.bm.block_size, budget,
-                    seq.chunk_limit(len(hits) * self.bm.block_size))
+            rest = seq.num_tokens - seq.num_computed_tokens - len(hits) * self.bm.block_size
+            # beside running requests, admit only a prompt whose whole rest fits: one admitted for
+            # its next chunk alone is preempted as soon as they grow, and its chunks recomputed
+            if self.running and not self.bm.can_allocate(seq, rest, hits):
+                break
+            n = min(rest, budget, seq.chunk_limit(len(hits) * self.bm.block_size))
             if not self.bm.allocate(seq, n, hits):
                 break
             seq.num_cached_tokens = len(hits) * self.bm.block_size

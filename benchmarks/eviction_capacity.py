@@ -200,7 +200,9 @@ def main() -> None:
         from sparsekv.config import default_model
         args.model = default_model()
     methods = args.methods.split(",")
-    result = {"args": vars(args), "capacity": [], "decode": []}
+    from sparsekv.bench.bandwidth import cpu_description
+
+    result = {**cpu_description(), "args": vars(args), "capacity": [], "decode": []}
     RESULTS.mkdir(exist_ok=True)
 
     def add(part: str, row: dict) -> None:

@@ -23,28 +23,15 @@ RESULTS = Path(__file__).parent / "results"
 
 def capture(model: str | None, length: int, task: str, depth: float, seed: int) -> tuple[dict, list]:
     """Every layer's (q, k, v) of the prompt and its first decode step: q [L+1, Hq, D], k, v [Hkv, L+1, D]."""
-    from sparsekv import LLM, SamplingParams
-    from sparsekv.attention.context import Attention
+    from sparsekv import LLM
+    from sparsekv.bench.captured import record_qkv
     from sparsekv.eval.tasks import generate
 
     llm = LLM(model, dtype="float32", max_model_len=length + 4, max_num_seqs=1, enable_prefix_caching=False)
     tok = llm.tokenizer
     sample = generate(task, length, 0, lambda text: len(tok.encode(text)), seed=seed, depths=(depth,))
-    attns = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
-    calls: dict[int, list] = {m.layer: [] for m in attns}
-    hooks = [m.register_forward_pre_hook(lambda mod, a: calls[mod.layer].append([x.detach().float().clone() for x in a[:3]]))
-             for m in attns]
-    try:  # max_tokens=2: the prefill samples token 1, one decode step computes its q/k/v
-        llm.generate([tok.encode(sample.prompt)], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
-                     use_tqdm=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    layers = []
-    for layer in sorted(calls):
-        q, k, v = (torch.cat(parts) for parts in zip(*calls[layer]))
-        layers.append((q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
-    return {"task": task, "length": length, "depth": depth, "seed": seed}, layers
+    layers = record_qkv(llm, tok.encode(sample.prompt), list(range(llm.engine.runner.model.args.num_layers)))
+    return {"task": task, "length": length, "depth": depth, "seed": seed}, [layers[i] for i in sorted(layers)]
 
 
 def token_mask(pages: list[torch.Tensor], n: int, page: int) -> torch.Tensor:

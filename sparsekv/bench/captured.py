@@ -60,8 +60,6 @@ class Capture:
         return self._llm
 
     def capture(self, length: int) -> dict[str, torch.Tensor]:
-        from sparsekv import SamplingParams
-        from sparsekv.attention.context import Attention
         from sparsekv.eval.tasks import generate
 
         tok = self.llm.tokenizer
@@ -69,16 +67,32 @@ class Capture:
         ids = tok.encode(sample.prompt)  # as the engine encodes a text prompt (BOS included)
         if len(ids) != length:
             raise ValueError(f"{self.task} at {length} tokens came out at {len(ids)} with this tokenizer")
-        attn = next(m for m in self.llm.engine.runner.model.modules()
-                    if isinstance(m, Attention) and m.layer == self.layer)
-        calls: list[list[torch.Tensor]] = []
-        hook = attn.register_forward_pre_hook(lambda _, args: calls.append([x.detach().to("cpu", torch.float32, copy=True) for x in args]))
-        try:  # max_tokens=2: the prefill samples token 1, one decode step computes token 1's q/k/v
-            self.llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-        finally:
-            hook.remove()
-        sizes = [c[0].shape[0] for c in calls]
-        if sum(sizes[:-1]) != length or sizes[-1] != 1:
-            raise RuntimeError(f"captured {sizes} tokens for a {length}-token prompt and one decode step")
-        q, k, v = (torch.cat(parts) for parts in zip(*calls))
-        return {"q": q.contiguous(), "k": k.transpose(0, 1).contiguous(), "v": v.transpose(0, 1).contiguous()}
+        q, k, v = record_qkv(self.llm, ids, [self.layer])[self.layer]
+        return {"q": q, "k": k, "v": v}
+
+
+def record_qkv(llm, ids: list[int], layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each listed layer's roped q [L+1, Hq, D] and k, v [Hkv, L+1, D] (float32, contiguous) while
+    `llm` prefills `ids` densely and runs one decode step (the last row), seen by forward
+    pre-hooks on the layers' `Attention` seams, exactly what the backends see."""
+    from sparsekv import SamplingParams
+    from sparsekv.attention.context import Attention
+
+    calls: dict[int, list[list[torch.Tensor]]] = {layer: [] for layer in layers}
+    hooks = [m.register_forward_pre_hook(
+                 lambda mod, args: calls[mod.layer].append([x.detach().to("cpu", torch.float32, copy=True)
+                                                            for x in args[:3]]))
+             for m in llm.engine.runner.model.modules() if isinstance(m, Attention) and m.layer in calls]
+    try:  # max_tokens=2: the prefill samples token 1, one decode step computes token 1's q/k/v
+        llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for layer, parts in calls.items():
+        sizes = [c[0].shape[0] for c in parts]
+        if sum(sizes[:-1]) != len(ids) or sizes[-1] != 1:
+            raise RuntimeError(f"captured {sizes} tokens for a {len(ids)}-token prompt and one decode step")
+        q, k, v = (torch.cat(x) for x in zip(*parts))
+        out[layer] = q.contiguous(), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+    return out

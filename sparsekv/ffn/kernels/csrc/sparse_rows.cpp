@@ -4,25 +4,35 @@
 // sparse_matvec: y = (x ⊙ mask) @ Wt with Wt [K, N] (an input channel's weights contiguous)
 // and mask[b, k] = |x[b, k]| * scale[k] > thr[k]. The batch reads the union of its rows'
 // active channels, each row adds only its own: a row's result is the one it gets alone.
-// Each thread owns a contiguous range of output columns and streams the active rows over it,
-// accumulating into the output rows (in L1/L2), so weight reads are sequential within a row.
+// The active rows are split between the threads, each streaming whole contiguous rows into its
+// own accumulator (in L1) four rows per pass, so the accumulator is loaded and stored once per
+// four weight rows; the partial sums are added at the end. Skipped rows break the hardware
+// prefetcher's streams, so each pass also requests the same columns of the next four rows.
 // gather_dot: out[b, j] = x[b] · M[idx[j]] (output-sparse: only the listed rows of M [K, N]).
 // Built into the one CPU kernel library (attention/kernels/cpu_build.py), with light ATen headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+#include "../../../attention/kernels/csrc/decode_common.h"
 
 namespace {
 
-constexpr int64_t kColumnGrain = 64;  // output columns per thread at least (one row's cache lines)
-constexpr int kPrefetchRows = 4;  // active rows requested ahead of the one being read
+using sparsekv_decode::kLanes;
+using sparsekv_decode::load16;
+using sparsekv_decode::splat;
+using sparsekv_decode::v16;
+using sparsekv_decode::v16u;
+
+constexpr int kRowBlock = 8;  // weight rows per pass over the accumulator
+constexpr int64_t kMinThreadFloats = 16384;  // weight floats per thread at least (64 KiB): fewer run on one
 
 void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
@@ -44,43 +54,72 @@ at::Tensor sparse_matvec(const at::Tensor& x, const c10::optional<at::Tensor>& s
     TORCH_CHECK(scale->size(0) == K, "scale must have one entry per input channel");
     sp = scale->data_ptr<float>();
   }
-  // the union of active channels, with each row's value there (0 where that row is inactive)
-  std::vector<int64_t> idx;
-  std::vector<float> xs;
-  idx.reserve(K);
-  xs.reserve(K * B);
+  // the union of active channels, with each row's value there (0 where that row is inactive),
+  // compacted without branches (a mispredicted branch per channel cost as much as its row)
+  std::unique_ptr<int64_t[]> idx(new int64_t[K]);
+  std::unique_ptr<float[]> xs(new float[K * B]);
+  int64_t nnz = 0;
   for (int64_t k = 0; k < K; ++k) {
     const float s = sp ? sp[k] : 1.0f;
     bool any = false;
-    for (int64_t b = 0; b < B; ++b) any |= std::fabs(xp[b * K + k]) * s > tp[k];
-    if (!any) continue;
-    idx.push_back(k);
     for (int64_t b = 0; b < B; ++b) {
       const float v = xp[b * K + k];
-      xs.push_back(std::fabs(v) * s > tp[k] ? v : 0.0f);
+      const bool on = std::fabs(v) * s > tp[k];
+      xs[nnz * B + b] = on ? v : 0.0f;
+      any |= on;
     }
+    idx[nnz] = k;
+    nnz += any;
   }
-  at::Tensor out = at::zeros({B, N}, x.options());
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), nnz * N / kMinThreadFloats));
+  // thread 0 sums into the output, the others into their own rows of `part`, added at the end
+  at::Tensor out = at::empty({B, N}, x.options());
+  std::unique_ptr<float[]> part(new float[(threads - 1) * B * N]);
   float* op = out.data_ptr<float>();
   const float* wp = wt.data_ptr<float>();
-  const int64_t nnz = static_cast<int64_t>(idx.size());
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kColumnGrain));
-  const int64_t width = (N + threads - 1) / threads;
+  const int64_t nv = N - N % kLanes;
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
-      for (int64_t j = 0; j < nnz; ++j) {
-        if (j + kPrefetchRows < nnz) __builtin_prefetch(wp + idx[j + kPrefetchRows] * N + n0);
-        const float* w = wp + idx[j] * N;
+      const int64_t j0 = nnz * t / threads, j1 = nnz * (t + 1) / threads;
+      float* acc = t == 0 ? op : part.get() + (t - 1) * B * N;
+      std::fill(acc, acc + B * N, 0.0f);
+      for (int64_t j = j0; j < j1; j += kRowBlock) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, j1 - j));
+        const float* w[kRowBlock];
+        const float* ahead[kRowBlock];
+        for (int r = 0; r < kRowBlock; ++r) {
+          w[r] = wp + idx[j + std::min(r, rows - 1)] * N;  // a short block repeats its last row with weight 0
+          ahead[r] = wp + idx[std::min(j + 2 * kRowBlock + r, nnz - 1)] * N;
+        }
         for (int64_t b = 0; b < B; ++b) {
-          const float a = xs[j * B + b];
-          if (a == 0.0f) continue;
-          float* y = op + b * N;
-          for (int64_t n = n0; n < n1; ++n) y[n] += a * w[n];
+          float a[kRowBlock];
+          bool any = false;
+          for (int r = 0; r < kRowBlock; ++r) {
+            a[r] = r < rows ? xs[(j + r) * B + b] : 0.0f;
+            any |= a[r] != 0.0f;
+          }
+          if (!any) continue;
+          float* y = acc + b * N;
+          v16 av[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) av[r] = splat(a[r]);
+          for (int64_t n = 0; n < nv; n += kLanes) {
+            if (b == 0)
+              for (int r = 0; r < kRowBlock; ++r) __builtin_prefetch(ahead[r] + n, 0, 2);
+            v16 s = load16(y + n);
+            for (int r = 0; r < kRowBlock; ++r) s += av[r] * load16(w[r] + n);
+            *reinterpret_cast<v16u*>(y + n) = s;
+          }
+          for (int64_t n = nv; n < N; ++n)
+            for (int r = 0; r < kRowBlock; ++r) y[n] += a[r] * w[r][n];
         }
       }
     }
   });
+  for (int64_t t = 1; t < threads; ++t) {
+    const float* src = part.get() + (t - 1) * B * N;
+    for (int64_t i = 0; i < B * N; ++i) op[i] += src[i];
+  }
   return out;
 }
 

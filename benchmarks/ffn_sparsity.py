@@ -3,27 +3,29 @@ a layer's projections, end-to-end decode tokens/s, and quality on held-out text,
 
 MLP / projection times: each layer's real decode inputs (the last rows of a held-out text),
 run through the backend as a decode step would (the kernel that reads only active weight
-rows), median over repeats of one pass over all layers, per layer. "proj" is q/k/v + o + MLP:
-the whole layer but the attention core (short context; the e2e rows include everything).
+rows), one pass over all layers per repeat, each beside a dense pass (in turn, so both see the
+same neighbours on a shared host): medians per layer and the median of the paired ratios.
+"proj" is q/k/v + o + MLP: the whole layer but the attention core (short context; the e2e rows
+include everything). e2e: `--e2e-repeats` generations per cell, each beside a dense one.
 Quality: every position of each held-out text sparsified (prefill_sparsify_fraction 1, the
 same masks as decode), perplexity of the next token and top-1 agreement with dense.
 Writes results/ffn_sparsity.json and .png.
 
     python benchmarks/ffn_sparsity.py [--model M] [--methods teal,teal_greedy,wina,chess] [--sparsities 0,0.4,0.5]
-        [--batch-sizes 1,8] [--repeats 100] [--output-len 64] [--ppl-texts 0] [--threads N]
+        [--batch-sizes 1,8] [--repeats 100] [--output-len 64] [--e2e-repeats 5] [--ppl-texts 0] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from timing import median_s
+from timing import interleaved_s
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,29 +43,36 @@ def capture_inputs(llm, ids: list[int]) -> dict[tuple[int, str], torch.Tensor]:
 
 @contextmanager
 def counting_weight_reads(counter: list[int]):
-    """Counts weight elements read by dense linears and by the sparse kernels (their active rows)."""
-    from sparsekv.ffn import kernels
+    """Counts weight elements read by the dense GEMMs (where the model and the FFN backends bind
+    them) and by the sparse kernels (their active rows only)."""
+    from sparsekv.engine.models import llama
+    from sparsekv.ffn import chess, kernels, sparse
     from sparsekv.ffn.kernels.reference import active_mask
 
-    linear, matvec, gather = F.linear, kernels.sparse_matvec, kernels.gather_dot
+    gemm, matvec, down = llama.linear, kernels.sparse_matvec, kernels.gated_sparse_down
 
     def dense(x, w, b=None):
         counter[0] += w.numel()
-        return linear(x, w, b)
+        return gemm(x, w, b)
 
-    def sparse(x, scale, thr, wt):
-        counter[0] += int(active_mask(x, scale, thr).any(0).sum()) * wt.shape[1]
-        return matvec(x, scale, thr, wt)
+    def sparse_rows(x, scale, thr, wt, topk=0):
+        counter[0] += int(active_mask(x, scale, thr, topk).any(0).sum()) * wt.shape[1]
+        return matvec(x, scale, thr, wt, topk)
 
-    def rows(x, m, idx):
-        counter[0] += idx.numel() * m.shape[1]
-        return gather(x, m, idx)
+    def gated(x, act, w_up, thr, wt_down):  # up and down read the active channels' rows
+        counter[0] += int((act.abs() > thr).any(0).sum()) * (w_up.shape[1] + wt_down.shape[1])
+        return down(x, act, w_up, thr, wt_down)
 
-    F.linear, kernels.sparse_matvec, kernels.gather_dot = dense, sparse, rows
+    patches = [(llama, "linear", dense), (sparse, "gemm", dense), (chess, "gemm", dense),
+               (kernels, "sparse_matvec", sparse_rows), (kernels, "gated_sparse_down", gated)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, fn in patches:
+        setattr(mod, name, fn)
     try:
         yield
     finally:
-        F.linear, kernels.sparse_matvec, kernels.gather_dot = linear, matvec, gather
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 def read_fraction(fn, dense_elements: int) -> float:
@@ -90,58 +99,67 @@ def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict
     mlp_elements = sum(p.numel() for layer in layers for p in layer.mlp.parameters())
     proj_elements = mlp_elements + sum(layer.self_attn.qkv_proj.weight.numel() + layer.self_attn.o_proj.weight.numel()
                                        for layer in layers)
+    dense = FFN_BACKENDS["none"]
     rows = []
     for b in batches:
         x = {k: v[-b:].contiguous() for k, v in inputs.items()}
+
+        def passes(backend, plan):
+            def mlp():
+                for i in range(n):
+                    backend.forward(x[i, "gate_up"], layers[i].mlp, i, plan)
+
+            def proj():
+                for i in range(n):
+                    attn = layers[i].self_attn
+                    backend.linear(x[i, "qkv"], attn.qkv_proj, i, "qkv", plan)
+                    backend.linear(x[i, "o"], attn.o_proj, i, "o", plan)
+                    backend.forward(x[i, "gate_up"], layers[i].mlp, i, plan)
+            return mlp, proj
+
+        base_mlp, base_proj = passes(dense, None)
         for method in methods:
-            for s in sparsities:
+            for s in filter(None, sparsities):  # sparsity 0 is the dense pass itself
                 spec = FFNSection(**ffn(method, s))
-                backend = FFN_BACKENDS[spec.method if s > 0 else "none"]
-                plan = SparsePlan(None, state.rules(backend, spec), None) if s > 0 else None
-
-                def mlp():
-                    for i in range(n):
-                        backend.forward(x[i, "gate_up"], layers[i].mlp, i, plan)
-
-                def proj():
-                    for i in range(n):
-                        attn = layers[i].self_attn
-                        backend.linear(x[i, "qkv"], attn.qkv_proj, i, "qkv", plan)
-                        backend.linear(x[i, "o"], attn.o_proj, i, "o", plan)
-                        backend.forward(x[i, "gate_up"], layers[i].mlp, i, plan)
-
+                backend = FFN_BACKENDS[spec.method]
+                mlp, proj = passes(backend, SparsePlan(None, state.rules(backend, spec), None))
+                row = {"batch": b, "method": method, "sparsity": s}
                 with torch.inference_mode():
-                    rows.append({"batch": b, "method": method, "sparsity": s,
-                                 "mlp_us_per_layer": round(median_s(mlp, repeats, max(2, repeats // 10)) * 1e6 / n, 2),
-                                 "proj_us_per_layer": round(median_s(proj, repeats, max(2, repeats // 10)) * 1e6 / n, 2)})
-                rows[-1]["mlp_weight_read_fraction"] = read_fraction(mlp, mlp_elements)
-                rows[-1]["proj_weight_read_fraction"] = read_fraction(proj, proj_elements)
-                print(rows[-1], flush=True)
-    for r in rows:
-        dense = next(d for d in rows if d["batch"] == r["batch"] and d["method"] == r["method"] and d["sparsity"] == 0)
-        r["mlp_speedup"] = round(dense["mlp_us_per_layer"] / r["mlp_us_per_layer"], 3)
-        r["proj_speedup"] = round(dense["proj_us_per_layer"] / r["proj_us_per_layer"], 3)
+                    for part, fn, base in (("mlp", mlp, base_mlp), ("proj", proj, base_proj)):
+                        t = interleaved_s(fn, base, repeats)  # in turn with dense: both see the same neighbours
+                        row[f"{part}_us_per_layer"] = round(statistics.median(t["wall"]) * 1e6 / n, 2)
+                        row[f"{part}_dense_us_per_layer"] = round(statistics.median(t["base_wall"]) * 1e6 / n, 2)
+                        row[f"{part}_speedup"] = round(statistics.median(
+                            d / w for d, w in zip(t["base_wall"], t["wall"])), 3)
+                row["mlp_weight_read_fraction"] = read_fraction(mlp, mlp_elements)
+                row["proj_weight_read_fraction"] = read_fraction(proj, proj_elements)
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
-def e2e_rows(llm, prompt, methods, sparsities, batches, output_len) -> list[dict]:
+def e2e_rows(llm, prompt, methods, sparsities, batches, output_len, repeats) -> list[dict]:
     from sparsekv import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    def tok_s(b: int, sp: dict | None) -> float:
+        outs = llm.generate([prompt] * b, params, sparsity=sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) - 1 for o in outs) / max(o.metrics.decode_seconds for o in outs)
+
     rows = []
     for b in batches:
         llm.generate([prompt] * b, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         for method in methods:
-            for s in sparsities:
+            for s in filter(None, sparsities):
                 sp = {"ffn": ffn(method, s)}
-                outs = llm.generate([prompt] * b, params, sparsity=sp, use_tqdm=False)
-                decode_s = max(o.metrics.decode_seconds for o in outs)
-                tokens = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
-                rows.append({"batch": b, "method": method, "sparsity": s, "decode_tok_s": round(tokens / decode_s, 2)})
+                tok_s(b, sp)  # warm-up: first-use layouts and rules
+                pairs = [(tok_s(b, sp), tok_s(b, None)) for _ in range(repeats)]  # in turn with dense
+                rows.append({"batch": b, "method": method, "sparsity": s,
+                             "decode_tok_s": round(statistics.median(p[0] for p in pairs), 2),
+                             "dense_decode_tok_s": round(statistics.median(p[1] for p in pairs), 2),
+                             "speedup": round(statistics.median(p[0] / p[1] for p in pairs), 3)})
                 print(rows[-1], flush=True)
-    for r in rows:
-        dense = next(d for d in rows if d["batch"] == r["batch"] and d["method"] == r["method"] and d["sparsity"] == 0)
-        r["speedup"] = round(r["decode_tok_s"] / dense["decode_tok_s"], 3)
     return rows
 
 
@@ -218,6 +236,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=100, help="timed passes over all layers per kernel cell")
     ap.add_argument("--output-len", type=int, default=64, help="decode tokens per e2e request")
+    ap.add_argument("--e2e-repeats", type=int, default=5, help="e2e generations per cell, each beside a dense one")
     ap.add_argument("--ppl-texts", type=int, default=0, help="held-out texts for quality (0: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,e2e,quality")
@@ -228,7 +247,7 @@ def main() -> None:
     methods, skip = args.methods.split(","), set(filter(None, args.skip.split(",")))
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if 0.0 not in sparsities:
-        sparsities.insert(0, 0.0)  # the dense baseline every speedup is against
+        sparsities.insert(0, 0.0)  # quality's dense baseline
     batches = [int(b) for b in args.batch_sizes.split(",")]
     llm = LLM(args.model, dtype="float32", device="cpu", enable_prefix_caching=False, max_num_seqs=max(batches),
               max_model_len=1024, ffn_thresholds=args.ffn_thresholds)
@@ -239,7 +258,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "repeats": args.repeats, "output_len": args.output_len}
     result["kernels"] = [] if "kernels" in skip else kernel_rows(
         llm, capture_inputs(llm, prompt), methods, sparsities, batches, args.repeats)
-    result["e2e"] = [] if "e2e" in skip else e2e_rows(llm, prompt, methods, sparsities, batches, args.output_len)
+    result["e2e"] = [] if "e2e" in skip else e2e_rows(llm, prompt, methods, sparsities, batches, args.output_len, args.e2e_repeats)
     result["quality"] = [] if "quality" in skip else quality_rows(llm, heldout, methods, sparsities)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,12 +43,27 @@ def test_all_inputs_dropped_and_none_dropped():
     torch.testing.assert_close(kernels.sparse_matvec(x, None, torch.zeros(50), wt), x @ wt, rtol=1e-5, atol=1e-4)
 
 
-def test_gather_dot_equals_listed_rows():
-    g = torch.Generator().manual_seed(1)
-    x, m = torch.randn(3, 64, generator=g), torch.randn(100, 64, generator=g)
-    idx = torch.tensor([0, 5, 17, 99])
-    torch.testing.assert_close(kernels.gather_dot(x, m, idx), x @ m[idx].t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(reference.gather_dot_torch(x, m, idx), x @ m[idx].t(), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("b,topk", [(1, 20), (3, 57), (2, 130)])
+def test_topk_keeps_each_rows_top_scores(path, b, topk):
+    """WINA's rule: each row keeps its own top-k by |x|·scale (the threshold is not used)."""
+    x, scale, thr, wt = _case(b, 130, 80, seed=5)
+    want = reference.masked_dense(x, scale, thr, wt, topk)
+    assert int(reference.active_mask(x, scale, thr, topk).sum()) == b * topk
+    torch.testing.assert_close(path(x, scale, thr, wt, topk), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("b,i,h,n", [(1, 96, 64, 80), (3, 200, 48, 33)])
+def test_gated_sparse_down_equals_masked_mlp(b, i, h, n):
+    """CHESS's tail: the masked activation times up, through down, reading active channels only."""
+    g = torch.Generator().manual_seed(2)
+    x, act = torch.randn(b, h, generator=g), torch.randn(b, i, generator=g)
+    w_up, wt_down, thr = torch.randn(i, h, generator=g), torch.randn(i, n, generator=g), torch.rand(i, generator=g)
+    want = (act * (act.abs() > thr) * (x @ w_up.t())) @ wt_down
+    for path in (kernels.gated_sparse_down, reference.gated_sparse_down_torch):
+        torch.testing.assert_close(path(x, act, w_up, thr, wt_down), want, rtol=1e-5, atol=1e-4)
+    one = kernels.gated_sparse_down(x[:1], act[:1], w_up, thr, wt_down)
+    torch.testing.assert_close(one, kernels.gated_sparse_down(x, act, w_up, thr, wt_down)[:1], rtol=1e-6, atol=1e-5)
 
 
 def test_compiled_kernel_is_used_on_cpu_float32():

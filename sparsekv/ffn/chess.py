@@ -49,12 +49,7 @@ class CHESS(ActivationSparseFFN):
     def forward(self, x: torch.Tensor, mlp: GatedMLP, layer: int, plan: SparsePlan) -> torch.Tensor:
         w = mlp.gate_up_proj.weight
         inter = w.shape[0] // 2
-        act = F.silu(gemm(x, w[:inter]))
-        active = act.abs().float() > plan.rules[layer]["act"].thr
+        act, thr = F.silu(gemm(x, w[:inter])), plan.rules[layer]["act"].thr
         if plan.rows is not None:  # prefill: dense GEMMs on the masked activation
-            return mlp.down_proj(act * (active | ~plan.rows[:, None]) * gemm(x, w[inter:]))
-        idx = active.any(0).nonzero().squeeze(1)
-        h = torch.zeros_like(act)
-        h[:, idx] = act[:, idx] * active[:, idx] * kernels.gather_dot(x, w[inter:], idx)
-        return kernels.sparse_matvec(h, None, torch.zeros_like(plan.rules[layer]["act"].thr),
-                                     transposed(mlp.down_proj))
+            return mlp.down_proj(act * ((act.abs().float() > thr) | ~plan.rows[:, None]) * gemm(x, w[inter:]))
+        return kernels.gated_sparse_down(x, act, w[inter:], thr, transposed(mlp.down_proj))

@@ -54,11 +54,7 @@ def prefill_rows(group: BatchGroup, fraction: float, device: torch.device) -> to
 
 
 def keep_mask(x: torch.Tensor, rule: Rule) -> torch.Tensor:
-    if not rule.topk:
-        return active_mask(x, rule.scale, rule.thr)
-    score = x.abs().float()
-    score = score * rule.scale if rule.scale is not None else score
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(rule.topk, dim=1).indices, True)
+    return active_mask(x, rule.scale, rule.thr, rule.topk)
 
 
 # Decode batches above this go through the dense GEMM on masked inputs: at batch 8 the union of
@@ -76,11 +72,7 @@ def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Te
         mask = keep_mask(x, rule) if rows is None else keep_mask(x, rule) | ~rows[:, None]
         y = gemm(x * mask, weight, bias)
     else:
-        if rule.topk:  # the kernel's threshold 0 then keeps exactly the top-k (nonzero) inputs
-            x, scale, thr = x * keep_mask(x, rule), None, torch.zeros_like(rule.thr)
-        else:
-            scale, thr = rule.scale, rule.thr
-        y = kernels.sparse_matvec(x, scale, thr, transposed(linear, r))
+        y = kernels.sparse_matvec(x, rule.scale, rule.thr, transposed(linear, r), rule.topk)
         y = y if bias is None else y + bias
     if r is None:
         return y

@@ -11,9 +11,11 @@ def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and available()
 
 
-def sparse_matvec_cpu(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    return ops().ffn_sparse_matvec(x.contiguous(), scale, thr, wt)
+def sparse_matvec_cpu(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor, wt: torch.Tensor,
+                      topk: int = 0) -> torch.Tensor:
+    return ops().ffn_sparse_matvec(x.contiguous(), scale, thr, wt, topk)
 
 
-def gather_dot_cpu(x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return ops().ffn_gather_dot(x.contiguous(), m, idx)
+def gated_sparse_down_cpu(x: torch.Tensor, act: torch.Tensor, w_up: torch.Tensor, thr: torch.Tensor,
+                          wt_down: torch.Tensor) -> torch.Tensor:
+    return ops().ffn_gated_sparse_down(x.contiguous(), act.contiguous(), w_up, thr, wt_down)

@@ -53,6 +53,14 @@ def test_topk_keeps_each_rows_top_scores(path, b, topk):
     torch.testing.assert_close(path(x, scale, thr, wt, topk), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("topk", [0, 40])
+def test_masked_input_zeroes_dropped_inputs(topk):
+    x, scale, thr, _ = _case(4, 130, 1, seed=7)
+    want = x * reference.active_mask(x, scale, thr, topk)
+    assert torch.equal(kernels.masked_input(x, scale, thr, topk), want)
+    assert torch.equal(kernels.masked_input(x, None, thr, topk), x * reference.active_mask(x, None, thr, topk))
+
+
 @pytest.mark.parametrize("b,i,h,n", [(1, 96, 64, 80), (3, 200, 48, 33)])
 def test_gated_sparse_down_equals_masked_mlp(b, i, h, n):
     """CHESS's tail: the masked activation times up, through down, reading active channels only."""

@@ -57,10 +57,12 @@ def keep_mask(x: torch.Tensor, rule: Rule) -> torch.Tensor:
     return active_mask(x, rule.scale, rule.thr, rule.topk)
 
 
-# Decode batches above this go through the dense GEMM on masked inputs: at batch 8 the union of
-# the rows' active inputs covers 97-99% of the weights at 40-50% sparsity, and the kernel that
-# skips inactive rows ran 1.2-1.9x slower than the GEMM there (benchmarks/ffn_sparsity.py).
-SPARSE_KERNEL_MAX_ROWS = 1
+# Decode batches up to this go through the kernel that reads the union of the rows' active
+# inputs, larger ones through the dense GEMM on masked inputs. At batch 8 the union covers 98-99%
+# of the weights at 40-50% sparsity, yet the kernel (weights loaded once per chunk for all rows)
+# ran the MLP 1.5x faster than the masked small-row GEMM, and about even at 16 (Zen 4,
+# benchmarks/ffn_sparsity.py): there the gain is the kernel's, not the sparsity's.
+SPARSE_KERNEL_MAX_ROWS = 16
 
 
 def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Tensor | None) -> torch.Tensor:
@@ -68,9 +70,10 @@ def sparse_linear(x: torch.Tensor, rule: Rule, linear: nn.Linear, rows: torch.Te
     r = rule.out_rows
     weight = linear.weight if r is None else linear.weight[r[0]:r[1]]
     bias = linear.bias if r is None or linear.bias is None else linear.bias[r[0]:r[1]]
-    if rows is not None or x.shape[0] > SPARSE_KERNEL_MAX_ROWS:
-        mask = keep_mask(x, rule) if rows is None else keep_mask(x, rule) | ~rows[:, None]
-        y = gemm(x * mask, weight, bias)
+    if rows is not None:
+        y = gemm(x * (keep_mask(x, rule) | ~rows[:, None]), weight, bias)
+    elif x.shape[0] > SPARSE_KERNEL_MAX_ROWS:
+        y = gemm(kernels.masked_input(x, rule.scale, rule.thr, rule.topk), weight, bias)
     else:
         y = kernels.sparse_matvec(x, rule.scale, rule.thr, transposed(linear, r), rule.topk)
         y = y if bias is None else y + bias

@@ -2,7 +2,7 @@
 
 `sparse_matvec(x, scale, thr, wt, topk)` = (x ⊙ mask) @ wt, mask = [|x| * scale > thr] or each
 row's top-k scores, reading only the rows of wt ([in, out]: an input channel's weights
-contiguous) that some row of x needs; `gated_sparse_down` is CHESS's MLP tail (up computed
+contiguous) that some row of x needs; `masked_input` is x ⊙ mask; `gated_sparse_down` is CHESS's MLP tail (up computed
 only on the active channels, down reading only their rows). CPU float32 uses the compiled
 kernels where they build, CUDA the Triton kernel; everything else the PyTorch path (the reference).
 """
@@ -24,6 +24,13 @@ def sparse_matvec(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor
             x, scale, thr = x * reference.active_mask(x, scale, thr, topk), None, torch.zeros_like(thr)
         return sparse_matvec_triton(x, scale, thr, wt)
     return reference.sparse_matvec_torch(x, scale, thr, wt, topk)
+
+
+def masked_input(x: torch.Tensor, scale: torch.Tensor | None, thr: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """x with the inputs the rule drops zeroed (the dense GEMM's input for larger batches)."""
+    if cpu_sparse.supports(x, thr):
+        return cpu_sparse.masked_input_cpu(x, scale, thr, topk)
+    return x * reference.active_mask(x, scale, thr, topk)
 
 
 def gated_sparse_down(x: torch.Tensor, act: torch.Tensor, w_up: torch.Tensor, thr: torch.Tensor,

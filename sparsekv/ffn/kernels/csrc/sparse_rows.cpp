@@ -9,14 +9,15 @@
 // up projection computed only on the union of active channels (output-sparse) and the down
 // projection reading only their rows; one call instead of a dozen small ATen ops per layer.
 // Both end in accumulate(): the active rows are split between the threads, each streaming
-// whole contiguous rows into its own accumulator (in L1) eight rows per pass, so the
-// accumulator is loaded and stored once per eight weight rows; the partial sums are added at
-// the end. Skipped rows break the hardware prefetcher's streams, so each pass also requests
+// whole contiguous rows into its own accumulator eight rows per pass: a chunk of the eight
+// rows is loaded once and meets every batch row, whose accumulator is loaded and stored once
+// per eight weight rows; the partial sums are added at the end. Skipped rows break the hardware prefetcher's streams, so each pass also requests
 // the same columns of the rows two passes ahead.
 // Built into the one CPU kernel library (attention/kernels/cpu_build.py), with light ATen headers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,16 +54,41 @@ struct Active {
   Active(int64_t K, int64_t B) : idx(new int64_t[K]), xs(new float[K * B]) {}
 };
 
-// The k-th largest of row b's scores (|x| * scale): the row keeps the scores at or above it.
-std::vector<float> topk_cuts(const float* xp, const float* sp, int64_t B, int64_t K, int64_t topk) {
-  std::vector<float> cuts(B), score(K);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < K; ++k) score[k] = std::fabs(xp[b * K + k]) * (sp ? sp[k] : 1.0f);
-    std::nth_element(score.begin(), score.begin() + (K - topk), score.end());
-    cuts[b] = score[K - topk];
-  }
-  return cuts;
+const float* checked(const at::Tensor& t, const char* name, int64_t dim) {
+  check(t, name, dim);
+  return t.data_ptr<float>();
 }
+
+// Which inputs row b keeps: |x| * scale > thr per channel, or with topk > 0 the row's top-k
+// scores (ties at the k-th all kept; a zero input adds nothing, so its row is never read).
+struct InputRule {
+  const float* x;
+  const float* scale = nullptr;
+  const float* thr;
+  int64_t B, K;
+  std::vector<float> cut;  // topk: the k-th largest score of each row
+
+  InputRule(const at::Tensor& xt, const c10::optional<at::Tensor>& st, const at::Tensor& tt, int64_t topk)
+      : x(checked(xt, "x", 2)), thr(checked(tt, "thr", 1)), B(xt.size(0)), K(xt.size(1)) {
+    TORCH_CHECK(tt.size(0) == K, "x and thr disagree on the input size");
+    TORCH_CHECK(topk >= 0 && topk <= K, "topk must be in [0, ", K, "]");
+    if (st.has_value()) {
+      scale = checked(*st, "scale", 1);
+      TORCH_CHECK(st->size(0) == K, "scale must have one entry per input channel");
+    }
+    if (topk == 0) return;
+    std::vector<float> row(K);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) row[k] = score(b, k);
+      std::nth_element(row.begin(), row.begin() + (K - topk), row.end());
+      cut.push_back(row[K - topk]);
+    }
+  }
+  float score(int64_t b, int64_t k) const { return std::fabs(x[b * K + k]) * (scale ? scale[k] : 1.0f); }
+  bool on(int64_t b, int64_t k) const {
+    return cut.empty() ? score(b, k) > thr[k] : score(b, k) >= cut[b] && x[b * K + k] != 0.0f;
+  }
+};
 
 // Compacted without branches (a mispredicted branch per channel cost as much as its row).
 // value(b, k) is what row b adds for channel k when on(b, k).
@@ -99,6 +125,7 @@ at::Tensor accumulate(const Active& a, int64_t B, const at::Tensor& wt) {
       const int64_t j0 = nnz * t / threads, j1 = nnz * (t + 1) / threads;
       float* acc = t == 0 ? op : part.get() + (t - 1) * B * N;
       std::fill(acc, acc + B * N, 0.0f);
+      std::vector<float> c(B * kRowBlock);  // the block's input values, row-major per batch row
       for (int64_t j = j0; j < j1; j += kRowBlock) {
         const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, j1 - j));
         const float* w[kRowBlock];
@@ -106,28 +133,23 @@ at::Tensor accumulate(const Active& a, int64_t B, const at::Tensor& wt) {
         for (int r = 0; r < kRowBlock; ++r) {
           w[r] = wp + idx[j + std::min(r, rows - 1)] * N;  // a short block repeats its last row with weight 0
           ahead[r] = wp + idx[std::min(j + 2 * kRowBlock + r, nnz - 1)] * N;
+          for (int64_t b = 0; b < B; ++b) c[b * kRowBlock + r] = r < rows ? xs[(j + r) * B + b] : 0.0f;
         }
-        for (int64_t b = 0; b < B; ++b) {
-          float c[kRowBlock];
-          bool any = false;
-          for (int r = 0; r < kRowBlock; ++r) {
-            c[r] = r < rows ? xs[(j + r) * B + b] : 0.0f;
-            any |= c[r] != 0.0f;
+        // each chunk of the block's weights is loaded once and meets every batch row
+        for (int64_t n = 0; n < nv; n += kLanes) {
+          for (int r = 0; r < kRowBlock; ++r) __builtin_prefetch(ahead[r] + n, 0, 2);
+          v16 wv[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) wv[r] = load16(w[r] + n);
+          for (int64_t b = 0; b < B; ++b) {
+            const float* cb = c.data() + b * kRowBlock;
+            v16 sum = load16(acc + b * N + n);
+            for (int r = 0; r < kRowBlock; ++r) sum += splat(cb[r]) * wv[r];
+            *reinterpret_cast<v16u*>(acc + b * N + n) = sum;
           }
-          if (!any) continue;
-          float* y = acc + b * N;
-          v16 cv[kRowBlock];
-          for (int r = 0; r < kRowBlock; ++r) cv[r] = splat(c[r]);
-          for (int64_t n = 0; n < nv; n += kLanes) {
-            if (b == 0)
-              for (int r = 0; r < kRowBlock; ++r) __builtin_prefetch(ahead[r] + n, 0, 2);
-            v16 sum = load16(y + n);
-            for (int r = 0; r < kRowBlock; ++r) sum += cv[r] * load16(w[r] + n);
-            *reinterpret_cast<v16u*>(y + n) = sum;
-          }
+        }
+        for (int64_t b = 0; b < B; ++b)
           for (int64_t n = nv; n < N; ++n)
-            for (int r = 0; r < kRowBlock; ++r) y[n] += c[r] * w[r][n];
-        }
+            for (int r = 0; r < kRowBlock; ++r) acc[b * N + n] += c[b * kRowBlock + r] * w[r][n];
       }
     }
   });
@@ -140,26 +162,24 @@ at::Tensor accumulate(const Active& a, int64_t B, const at::Tensor& wt) {
 
 at::Tensor sparse_matvec(const at::Tensor& x, const c10::optional<at::Tensor>& scale, const at::Tensor& thr,
                          const at::Tensor& wt, int64_t topk) {
-  check(x, "x", 2);
-  check(thr, "thr", 1);
+  const InputRule rule(x, scale, thr, topk);
   check(wt, "wt", 2);
-  const int64_t B = x.size(0), K = x.size(1);
-  TORCH_CHECK(wt.size(0) == K && thr.size(0) == K, "x, thr and wt disagree on the input size");
-  TORCH_CHECK(topk >= 0 && topk <= K, "topk must be in [0, ", K, "]");
-  const float* xp = x.data_ptr<float>();
-  const float* tp = thr.data_ptr<float>();
-  const float* sp = nullptr;
-  if (scale.has_value()) {
-    check(*scale, "scale", 1);
-    TORCH_CHECK(scale->size(0) == K, "scale must have one entry per input channel");
-    sp = scale->data_ptr<float>();
-  }
-  const auto value = [&](int64_t b, int64_t k) { return xp[b * K + k]; };
-  const auto score = [&](int64_t b, int64_t k) { return std::fabs(xp[b * K + k]) * (sp ? sp[k] : 1.0f); };
-  if (topk == 0) return accumulate(select(B, K, [&](int64_t b, int64_t k) { return score(b, k) > tp[k]; }, value), B, wt);
-  const std::vector<float> cut = topk_cuts(xp, sp, B, K, topk);  // a zero input adds nothing: never read its row
-  return accumulate(select(B, K, [&](int64_t b, int64_t k) { return score(b, k) >= cut[b] && xp[b * K + k] != 0.0f; },
-                           value), B, wt);
+  TORCH_CHECK(wt.size(0) == rule.K, "x and wt disagree on the input size");
+  return accumulate(select(rule.B, rule.K, [&](int64_t b, int64_t k) { return rule.on(b, k); },
+                           [&](int64_t b, int64_t k) { return rule.x[b * rule.K + k]; }),
+                    rule.B, wt);
+}
+
+// x with the dropped inputs zeroed: the input of the dense GEMM for batches whose union of
+// active inputs covers nearly every weight row (one op instead of the mask's half-dozen).
+at::Tensor masked_input(const at::Tensor& x, const c10::optional<at::Tensor>& scale, const at::Tensor& thr,
+                        int64_t topk) {
+  const InputRule rule(x, scale, thr, topk);
+  at::Tensor out = at::empty_like(x);
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < rule.B; ++b)
+    for (int64_t k = 0; k < rule.K; ++k) op[b * rule.K + k] = rule.on(b, k) ? rule.x[b * rule.K + k] : 0.0f;
+  return out;
 }
 
 at::Tensor gated_sparse_down(const at::Tensor& x, const at::Tensor& act, const at::Tensor& w_up,
@@ -198,6 +218,7 @@ at::Tensor gated_sparse_down(const at::Tensor& x, const at::Tensor& act, const a
 
 TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
   m.def("ffn_sparse_matvec(Tensor x, Tensor? scale, Tensor thr, Tensor wt, int topk=0) -> Tensor", &sparse_matvec);
+  m.def("ffn_masked_input(Tensor x, Tensor? scale, Tensor thr, int topk=0) -> Tensor", &masked_input);
   m.def("ffn_gated_sparse_down(Tensor x, Tensor act, Tensor w_up, Tensor thr, Tensor wt_down) -> Tensor",
         &gated_sparse_down);
 }

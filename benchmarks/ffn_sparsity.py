@@ -1,12 +1,14 @@
 """Activation-sparse FFN (TEAL, WINA, CHESS) on the default model: decode time of the MLP and of
 a layer's projections, end-to-end decode tokens/s, and quality on held-out text, vs dense.
 
-MLP / projection times: each layer's real decode inputs (the last rows of a held-out text),
-run through the backend as a decode step would (the kernel that reads only active weight
-rows), one pass over all layers per repeat, each beside a dense pass (in turn, so both see the
-same neighbours on a shared host): medians per layer and the median of the paired ratios.
+MLP / projection times: each layer's real decode inputs (at batch b, the last row of each of b
+distinct held-out prompts), run through the backend as a decode step would (the kernel that
+reads only active weight rows), one pass over all layers per repeat, each beside a dense pass
+(in turn, so both see the same neighbours on a shared host): medians per layer and the median
+of the paired ratios.
 "proj" is q/k/v + o + MLP: the whole layer but the attention core (short context; the e2e rows
-include everything). e2e: `--e2e-repeats` generations per cell, each beside a dense one.
+include everything). e2e: `--e2e-repeats` generations of b distinct prompts per cell, each
+beside a dense one.
 Quality: every position of each held-out text sparsified (prefill_sparsify_fraction 1, the
 same masks as decode), perplexity of the next token and top-1 agreement with dense.
 Writes results/ffn_sparsity.json and .png.
@@ -102,7 +104,7 @@ def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict
     dense = FFN_BACKENDS["none"]
     rows = []
     for b in batches:
-        x = {k: v[-b:].contiguous() for k, v in inputs.items()}
+        x = {k: torch.cat([rows[k][-1:] for rows in inputs[:b]]) for k in inputs[0]}  # each prompt's last row
 
         def passes(backend, plan):
             def mlp():
@@ -138,18 +140,18 @@ def kernel_rows(llm, inputs, methods, sparsities, batches, repeats) -> list[dict
     return rows
 
 
-def e2e_rows(llm, prompt, methods, sparsities, batches, output_len, repeats) -> list[dict]:
+def e2e_rows(llm, prompts, methods, sparsities, batches, output_len, repeats) -> list[dict]:
     from sparsekv import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     def tok_s(b: int, sp: dict | None) -> float:
-        outs = llm.generate([prompt] * b, params, sparsity=sp, use_tqdm=False)
+        outs = llm.generate(prompts[:b], params, sparsity=sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) - 1 for o in outs) / max(o.metrics.decode_seconds for o in outs)
 
     rows = []
     for b in batches:
-        llm.generate([prompt] * b, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        llm.generate(prompts[:b], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         for method in methods:
             for s in filter(None, sparsities):
                 sp = {"ffn": ffn(method, s)}
@@ -253,12 +255,14 @@ def main() -> None:
               max_model_len=1024, ffn_thresholds=args.ffn_thresholds)
     heldout = default_texts()[1]
     heldout = heldout[:args.ppl_texts] if args.ppl_texts else heldout
-    prompt = llm.tokenizer(" ".join(heldout[:2])).input_ids
+    # distinct prompts, one per batch row: identical rows would share one set of active inputs
+    prompts = [llm.tokenizer(heldout[i % len(heldout)] + " " + heldout[(i + 1) % len(heldout)]).input_ids
+               for i in range(max(batches))]
     result = {**cpu_description(), "model": llm.engine.model_name, "dtype": "float32",
               "threads": torch.get_num_threads(), "repeats": args.repeats, "output_len": args.output_len}
     result["kernels"] = [] if "kernels" in skip else kernel_rows(
-        llm, capture_inputs(llm, prompt), methods, sparsities, batches, args.repeats)
-    result["e2e"] = [] if "e2e" in skip else e2e_rows(llm, prompt, methods, sparsities, batches, args.output_len, args.e2e_repeats)
+        llm, [capture_inputs(llm, ids) for ids in prompts], methods, sparsities, batches, args.repeats)
+    result["e2e"] = [] if "e2e" in skip else e2e_rows(llm, prompts, methods, sparsities, batches, args.output_len, args.e2e_repeats)
     result["quality"] = [] if "quality" in skip else quality_rows(llm, heldout, methods, sparsities)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

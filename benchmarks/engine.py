@@ -1,10 +1,12 @@
-"""Dense engine speed on the default model: sparsekv vs transformers vs the memory-bandwidth limit.
+"""Dense engine speed on the default model: sparsekv vs transformers vs the machine's limit.
 
 Decode: the engine's real step loop (scheduler, model runner, attention, sampler) over a KV cache
 filled with random values, so a 16K x 16 batch needs no hours of prefill; transformers runs its
 forward + greedy pick with a DynamicCache filled the same way (what `generate` does per token).
-The limit of a step is (weight bytes + KV bytes read) / the read bandwidth, measured before and
-after each row (the higher of the two, so a neighbour's load never makes the limit look easy).
+The limit of a step is the larger of its two roofs: (weight bytes + KV bytes read) / the read
+bandwidth, and its FLOPs (2 per weight per row, 4 per head dimension per attended token) / the
+throughput of a large matrix product; each measured before and after each row (the higher
+reading, so a neighbour's load never makes the limit look easy). `bound` says which roof it is.
 Prefill: one real prompt through each. Medians of --repeats; writes results/engine.json + .png.
 
     python benchmarks/engine.py [--model PATH] [--contexts 4096,16384] [--batches 1,16]
@@ -141,7 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
     w = 0.27
     ax.bar([i - w for i in x], [r["sparsekv_tok_s"] for r in decode], w, label="sparsekv")
     ax.bar(list(x), [r["transformers_tok_s"] for r in decode], w, label="transformers")
-    ax.bar([i + w for i in x], [r["limit_tok_s"] for r in decode], w, label="bandwidth limit", color="grey")
+    ax.bar([i + w for i in x], [r["limit_tok_s"] for r in decode], w, label="limit (bandwidth or matmul roof)", color="grey")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
@@ -154,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from sparsekv.bench.bandwidth import cpu_description, read_bandwidth
+    from sparsekv.bench.bandwidth import cpu_description, matmul_flops, read_bandwidth
     from sparsekv.config import default_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -177,8 +179,10 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(hf_path.parent if gguf else hf_path), dtype=dtype, **gguf).eval()
     cfg = hf.config
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in hf.parameters()}.values())
-    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-        * dtype.itemsize
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    matmul_params = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))  # lm_head included
+    attn_flops_per_token = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim  # q.k and p.v
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * dtype.itemsize
     result = {**cpu_description(), "model": args.model, "dtype": args.dtype, "weight_bytes": weight_bytes, "rows": []}
     if args.only_prefill:
         earlier = json.loads(Path(args.output).read_text())
@@ -186,12 +190,17 @@ def main() -> None:
         args.batches = ""
     for b in [int(x) for x in args.batches.split(",") if x]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
-            bandwidth = read_bandwidth()  # beside each row: a neighbour's load moves it between rows
+            bandwidth, flops = read_bandwidth(), matmul_flops(args.dtype)  # beside each row: neighbours move them
             ours = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats)
             theirs = transformers_decode(hf, b, ctx, args.steps, args.repeats, dtype)
             bandwidth = max(bandwidth, read_bandwidth())  # the better reading: the limit is never overstated
-            limit = (weight_bytes + b * ctx * kv_per_token) / bandwidth
+            flops = max(flops, matmul_flops(args.dtype))
+            memory_s = (weight_bytes + b * ctx * kv_per_token) / bandwidth
+            compute_s = b * (2 * matmul_params + ctx * attn_flops_per_token) / flops
+            limit = max(memory_s, compute_s)
             row = {"phase": "decode", "batch": b, "context": ctx, "read_bandwidth_gbs": bandwidth / 1e9,
+                   "matmul_gflops": flops / 1e9, "bound": "memory" if memory_s >= compute_s else "compute",
+                   "memory_limit_tok_s": b / memory_s, "compute_limit_tok_s": b / compute_s,
                    "sparsekv_tok_s": ours["tok_s"],
                    "transformers_tok_s": theirs["tok_s"], "limit_tok_s": b / limit,
                    "sparsekv_vs_limit": ours["step_s"] / limit, "sparsekv_vs_transformers": theirs["step_s"] / ours["step_s"]}

@@ -1,4 +1,5 @@
-"""The machine's memory read bandwidth, measured in the same run as the figures it bounds."""
+"""The machine's roofs, measured in the same run as the figures they bound: memory read
+bandwidth (a decode step's weights and KV) and matrix-multiply throughput (a batch's FLOPs)."""
 from __future__ import annotations
 
 import statistics
@@ -21,6 +22,26 @@ def read_bandwidth(device: str = "cpu", gib: float = 1.0, repeats: int = 5) -> f
         sync()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times)
+
+
+def matmul_flops(dtype: str = "float32", device: str = "cpu", n: int = 1536, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix product with torch's threads (median of repeats): the
+    ceiling of a step whose FLOPs, not its bytes, take the time (a large decode batch on a few
+    CPU cores: 16 rows of fp32 FMAs per weight outrun two cores' vector units before the memory)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=a.dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
 
 
 def cpu_description() -> dict:

@@ -77,12 +77,15 @@ struct InputRule {
       TORCH_CHECK(st->size(0) == K, "scale must have one entry per input channel");
     }
     if (topk == 0) return;
-    std::vector<float> row(K);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < K; ++k) row[k] = score(b, k);
-      std::nth_element(row.begin(), row.begin() + (K - topk), row.end());
-      cut.push_back(row[K - topk]);
-    }
+    cut.resize(B);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {  // a selection per row: rows in parallel
+      std::vector<float> row(K);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < K; ++k) row[k] = score(b, k);
+        std::nth_element(row.begin(), row.begin() + (K - topk), row.end());
+        cut[b] = row[K - topk];
+      }
+    });
   }
   float score(int64_t b, int64_t k) const { return std::fabs(x[b * K + k]) * (scale ? scale[k] : 1.0f); }
   bool on(int64_t b, int64_t k) const {

@@ -5,8 +5,10 @@
    bitmap tiles beside it, counted on the same pruned K and V (K tiles run along tokens, V tiles
    along channels).
 2. attention: one layer's decode step (batch requests of `length` cached tokens) through the
-   Mustafar backend over a compressed cache vs the dense backend over a dense one, medians.
-3. e2e: decode tokens/s of one request after a `length`-token prompt, dense vs Mustafar.
+   Mustafar backend over a compressed cache vs the dense backend over a dense one, medians;
+   with --quest-budget also Quest selecting among the compressed pages, paired with dense too.
+3. e2e: decode tokens/s of one request after a `length`-token prompt, dense vs Mustafar (vs
+   Mustafar + Quest).
 4. capacity: how many `--concurrent-len`-token sequences the block manager can hold at a fixed
    KV memory (staging rows paid first), each count checked by building the engine.
 
@@ -76,14 +78,15 @@ def kv_bytes(geo: dict, sparsities: list[float]) -> list[dict]:
     return rows
 
 
-def attention_step(geo: dict, sparsity: float, length: int, batch: int, repeats: int) -> dict:
+def attention_step(geo: dict, sparsity: float, length: int, batch: int, repeats: int, quest_budget: int) -> dict:
     """Seconds of one layer's decode over `batch` requests of `length` tokens: the dense backend
     over a dense pool vs Mustafar over a compressed one holding the same K/V, both filled by a
     real prefill step and then one decode step's write (which compresses the prompt)."""
     from sparsekv.attention.backend import AttnShape, BackendParams, get_backend
     from sparsekv.attention.metadata import AttnMetadata, RequestInput
     from sparsekv.cache.compressed import CompressedKVCache
-    from sparsekv.cache.kv_cache import KVCache, WriteIndex
+    from sparsekv.attention.quest import QuestParams
+    from sparsekv.cache.kv_cache import PAGE_BOUNDS, KVCache, WriteIndex
 
     ps, hkv, hq, d = 16, geo["hkv"], geo["hq"], geo["d"]
     shape = AttnShape(1, hq, hkv, d, d ** -0.5)
@@ -92,6 +95,8 @@ def attention_step(geo: dict, sparsity: float, length: int, batch: int, repeats:
     pages = batch * per
     dense = KVCache(1, pages, ps, hkv, d, torch.float32, "cpu")
     comp = CompressedKVCache(1, pages, pages + 2 * batch, ps, hkv, d, torch.float32, "cpu", layout_for(sparsity, d))
+    if quest_budget:
+        comp.ensure(PAGE_BOUNDS)
     g = torch.Generator().manual_seed(0)
     for phase, q_len, ctx in (("prefill", length - 1, length - 1), ("decode", 1, length)):
         meta = AttnMetadata.build([RequestInput(q_len, ctx, t, phase, i) for i, t in enumerate(tables)], ps,
@@ -103,25 +108,36 @@ def attention_step(geo: dict, sparsity: float, length: int, batch: int, repeats:
             cache.begin_step(idx)
             cache.write(0, k, v, idx)
     q = torch.randn(batch, hq, d, generator=g)
-    steps = []
-    for name, cache in (("mustafar", comp), ("dense", dense)):
-        be = get_backend(name, BackendParams())
+    def step(name: str, cache, params: BackendParams):
+        be = get_backend(name, params)
         plan = be.plan(meta.group("decode", 0, batch), shape)
-        steps.append(lambda be=be, cache=cache, plan=plan: be.forward(q, cache.layers[0], 0, plan))
-    t = interleaved_s(*steps, repeats)  # in turn, so both see the same neighbours on a shared host
-    out = {"dense_s": statistics.median(t["base_wall"]), "mustafar_s": statistics.median(t["wall"])}
-    out["speedup"] = round(out["dense_s"] / out["mustafar_s"], 3)
-    if torch.get_num_threads() == 1:  # CPU time leaves out time spent waiting for a core
-        out["speedup_cpu_time"] = round(statistics.median(t["base_cpu"]) / statistics.median(t["cpu"]), 3)
+        return lambda: be.forward(q, cache.layers[0], 0, plan)
+
+    dense_step = step("dense", dense, BackendParams())
+    variants = [("mustafar", step("mustafar", comp, BackendParams()))]
+    if quest_budget:
+        variants.append(("mustafar_quest", step("mustafar_quest", comp, QuestParams(budget=quest_budget))))
+    out = {}
+    for name, fn in variants:
+        t = interleaved_s(fn, dense_step, repeats)  # in turn, so both see the same neighbours on a shared host
+        out[f"{name}_dense_s"] = statistics.median(t["base_wall"])
+        out[f"{name}_s"] = statistics.median(t["wall"])
+        out[f"{name}_speedup"] = round(out[f"{name}_dense_s"] / out[f"{name}_s"], 3)
+        if torch.get_num_threads() == 1:  # CPU time leaves out time spent waiting for a core
+            out[f"{name}_speedup_cpu_time"] = round(statistics.median(t["base_cpu"]) / statistics.median(t["cpu"]), 3)
     return out
 
 
-def e2e(model: str | None, sparsity: float, length: int, output_len: int) -> dict:
+def e2e(model: str | None, sparsity: float, length: int, output_len: int, quest_budget: int) -> dict:
     from sparsekv import LLM, SamplingParams
     from sparsekv.attention.kernels import cpu_compressed
 
     row = {"compiled_kernel": cpu_compressed.available()}  # fp32 at head dim 64: decode runs it
-    for name, sp in (("dense", None), ("mustafar", {"kv": {"prune": "mustafar", "sparsity": sparsity}})):
+    pruned = {"kv": {"prune": "mustafar", "sparsity": sparsity}}
+    variants = [("dense", None), ("mustafar", pruned)]
+    if quest_budget:
+        variants.append(("mustafar_quest", {**pruned, "decode": {"method": "quest", "budget": quest_budget}}))
+    for name, sp in variants:
         llm = LLM(model, dtype="float32", max_model_len=length + output_len + 16, max_num_seqs=1,
                   max_num_batched_tokens=4096, enable_prefix_caching=False, **({"sparsity": sp} if sp else {}))
         prompt = torch.randint(10, llm.engine.vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -184,6 +200,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrent-len", type=int, default=8192)
     ap.add_argument("--kv-memory", type=int, default=1 << 30, help="bytes of KV memory for the capacity count")
+    ap.add_argument("--quest-budget", type=int, default=1024, help="Quest over the compressed pages (0: not run)")
     ap.add_argument("--skip", default="", help="comma list of bytes,attention,e2e,capacity to leave out")
     ap.add_argument("--output", default=str(RESULTS / "mustafar.json"))
     args = ap.parse_args()
@@ -199,14 +216,14 @@ def main() -> None:
             for batch in (int(x) for x in args.batch.split(",")):
                 for s in sparsities:
                     row = {"length": length, "batch": batch, "sparsity": s,
-                           **attention_step(geo, s, length, batch, args.repeats)}
+                           **attention_step(geo, s, length, batch, args.repeats, args.quest_budget)}
                     result["attention"].append(row)
                     print(row, flush=True)
     if "e2e" not in skip:
         result["e2e"] = []
         for length in (int(x) for x in args.e2e_lengths.split(",")):
             for s in sparsities:
-                row = {"length": length, "sparsity": s, **e2e(args.model, s, length, args.output_len)}
+                row = {"length": length, "sparsity": s, **e2e(args.model, s, length, args.output_len, args.quest_budget)}
                 result["e2e"].append(row)
                 print(row, flush=True)
     if "capacity" not in skip:

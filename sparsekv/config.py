@@ -121,18 +121,23 @@ class SparsityConfig(BaseModel):
         return self
 
     def _check_mustafar(self) -> None:
-        """Mustafar is chosen by kv.prune (it changes the storage), never as a phase method; over
-        its compressed cache prefill is dense and decode reads every compressed token, so other
-        methods do not compose yet (the rule: a selector would pick pages and the compressed
-        kernel would read only those, with bounds taken from the keys before pruning)."""
-        if "mustafar" in (self.prefill.method, self.decode.method):
+        """Mustafar is chosen by kv.prune (it changes the storage), never as a phase method. Over
+        its compressed cache prefill is dense, and decode reads every compressed token or, with
+        Quest, each KV head's best compressed pages (attention/mustafar_quest.py)."""
+        if {"mustafar", "mustafar_quest"} & {self.prefill.method, self.decode.method}:
             raise ValueError('mustafar is a KV-cache format: set kv.prune = "mustafar", not an attention method')
         if self.kv.prune == "mustafar":
             if self.kv.sparsity is not None and self.kv.sparsity >= 1.0:
                 raise ValueError("kv.sparsity must be below 1 for mustafar (every token keeps an element)")
-            if (self.prefill.method, self.decode.method) != ("dense", "dense"):
-                raise ValueError("kv.prune mustafar runs with dense prefill and decode methods only "
+            if self.prefill.method != "dense" or self.decode.method not in ("dense", "quest"):
+                raise ValueError("kv.prune mustafar runs with dense prefill and a dense or quest decode only "
                                  f"(got prefill {self.prefill.method!r}, decode {self.decode.method!r})")
+            if self.decode.method == "quest":
+                budget, page = self.decode.params("decode").budget, self.decode.params("decode").page_size
+                if budget < self.kv.local_window + self.kv.compress_chunk + page:
+                    raise ValueError(f"quest over mustafar: budget {budget} must exceed kv.local_window + "
+                                     f"kv.compress_chunk ({self.kv.local_window} + {self.kv.compress_chunk}, the "
+                                     f"dense window it always reads) by at least one page of {page}")
 
     def merged(self, override: dict[str, Any] | None) -> "SparsityConfig":
         """This config with a partial one (e.g. a request's `sparsity`) laid over it."""

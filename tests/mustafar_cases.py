@@ -31,7 +31,8 @@ class Driver:
                 for _ in range(self.shape.num_layers)]
 
     def step(self, new: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], phase: str = "prefill",
-             q: torch.Tensor | None = None, backend: str = "mustafar", device: str = "cpu") -> list[torch.Tensor]:
+             q: torch.Tensor | None = None, backend: str = "mustafar", device: str = "cpu",
+             params: BackendParams | None = None) -> list[torch.Tensor]:
         """Append new[slot] (per layer K/V [n, Hkv, D]) to each request; with q ([rows, Hq, D]),
         run the backend at every layer and return its outputs."""
         reqs = []
@@ -52,8 +53,9 @@ class Driver:
         idx = WriteIndex.from_slots(meta.slot_mapping, self.ps)
         self.cache.plan_step(meta)
         self.cache.begin_step(idx)
-        be = get_backend(backend, BackendParams(), device)
+        be = get_backend(backend, params or BackendParams(), device)
         plan = be.plan(meta.group(phase, 0, len(reqs)), self.shape) if q is not None else None
+        self.last_plan = plan
         outs = []
         for layer in range(self.shape.num_layers):
             k = torch.cat([kv[layer][0] for kv in new.values()])

@@ -45,18 +45,25 @@ class RequestKV:
     v: torch.Tensor
 
 
-def request_kv(kv: CompressedLayerKV, table: torch.Tensor, seq_len: int, num_compressed: int) -> RequestKV:
+def request_kv(kv: CompressedLayerKV, table: torch.Tensor, seq_len: int, num_compressed: int,
+               pages: torch.Tensor | None = None) -> RequestKV:
     """Views of one request's tokens [0, seq_len) whose first num_compressed are compressed
-    (a multiple of the page size): only compressed bytes are gathered for those."""
+    (a multiple of the page size): only compressed bytes are gathered for those, and with
+    `pages` ([Hkv, n] logical compressed pages per KV head, -1 padded at the end) only theirs."""
     ps = kv.page_size
     cut = num_compressed // ps
-    pages, rows = table[:cut], kv.rows[table[cut:]]
+    rows = kv.rows[table[cut:]]
 
     def take(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
         xh = x.transpose(0, 1)  # [Hkv, num, ps, width]
         return xh[:, ids].reshape(xh.shape[0], -1, xh.shape[-1])[:, :length]
 
-    comp = [take(x, pages, num_compressed) for x in (kv.kc, kv.kb, kv.vc, kv.vb)]
+    if pages is None:
+        comp = [take(x, table[:cut], num_compressed) for x in (kv.kc, kv.kb, kv.vc, kv.vb)]
+    else:
+        phys = table[pages[:, :int((pages[0] >= 0).sum())]]  # [Hkv, n] physical pages
+        heads = torch.arange(phys.shape[0]).view(-1, 1)
+        comp = [x[phys, heads].flatten(1, 2) for x in (kv.kc, kv.kb, kv.vc, kv.vb)]
     return RequestKV(*comp, take(kv.k, rows, seq_len - num_compressed), take(kv.v, rows, seq_len - num_compressed))
 
 
@@ -117,12 +124,12 @@ class MustafarBackend(AttentionBackend):
     phases = ("prefill", "decode")
 
     def forward(self, q: torch.Tensor, kv: CompressedLayerKV, layer: int, plan: Plan) -> torch.Tensor:
-        plan.attended += plan.dense_pairs  # every key is attended, pruned or not
         g = plan.group
         step = step_of(kv, g)
         tables, lens = g.block_tables_cpu, g.seq_lens_cpu
         if g.phase == "decode":
-            return self.decode(q, kv, g, step, plan.scale)
+            return self.decode(q, kv, g, step, plan.scale, self.select(q, kv, plan, step))
+        plan.attended += plan.dense_pairs  # every key is attended, pruned or not
         out = torch.empty_like(q)
         for i, (start, n) in enumerate(zip(g.query_start_cpu, g.q_lens_cpu)):
             k, v = materialise(request_kv(kv, tables[i], lens[i], step.num_compressed[i]))
@@ -130,19 +137,26 @@ class MustafarBackend(AttentionBackend):
                                                   plan.scale)
         return out
 
+    def select(self, q: torch.Tensor, kv: CompressedLayerKV, plan: Plan, step: MustafarStep) -> torch.Tensor | None:
+        """Compressed pages each KV head reads, int32 [B, Hkv, n] (-1 padded), or None for all;
+        adds the attended pairs to the plan. Here: all (a selector overrides this)."""
+        plan.attended += plan.dense_pairs
+        return None
+
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
-               scale: float) -> torch.Tensor:
+               scale: float, page_lists: torch.Tensor | None = None) -> torch.Tensor:
         """The compiled kernels where they build (the window through the paged-decode kernel
         over the staging rows, then the compressed tokens, merged with it in the same call),
-        else the PyTorch path."""
+        else the PyTorch path; with page_lists only the listed compressed pages are read."""
         if cpu_compressed.supports(q) and cpu_compressed.available():
             nc, win = window_tables(kv, g, step)
             window = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, win.block_table, win.seq_lens, scale, return_lse=True)
             return cpu_compressed.compressed_decode_cpu(q, kv.kc, kv.kb, kv.vc, kv.vb, g.block_table, nc, scale,
-                                                        window)[0]
+                                                        window, page_lists)[0]
         out = torch.empty_like(q)
         for i in range(g.num_reqs):
-            r = request_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], step.num_compressed[i])
+            r = request_kv(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], step.num_compressed[i],
+                           None if page_lists is None else page_lists[i])
             out[i] = compressed_decode_torch(q[i], r, scale)
         return out
 
@@ -196,7 +210,9 @@ class MustafarTriton(MustafarBackend):
     device = "cuda"
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
-               scale: float) -> torch.Tensor:
+               scale: float, page_lists: torch.Tensor | None = None) -> torch.Tensor:
+        if page_lists is not None:
+            raise ValueError("page selection over the compressed cache has no CUDA kernel yet")
         from sparsekv.attention.kernels.compressed_decode import compressed_decode
         from sparsekv.attention.kernels.decode import paged_decode
 

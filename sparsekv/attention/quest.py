@@ -44,7 +44,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return ub.amax(-1)
 
 
-def _seq_bounds(q: torch.Tensor, kv: LayerKV, ids: torch.Tensor) -> torch.Tensor:
+def seq_page_bounds(q: torch.Tensor, kv: LayerKV, ids: torch.Tensor) -> torch.Tensor:
     """page_bounds over the pool pages `ids`: the bounds are read in place when the pages are
     consecutive in the pool, else gathered with index_select (whole rows)."""
     if len(ids) == 1 or bool((ids[1:] - ids[:-1] == 1).all()):
@@ -81,7 +81,7 @@ class QuestBackend(AttentionBackend):
     def scores(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
         """[active, Hkv, pages] upper bounds, -inf padded."""
         g = plan.group
-        return pad_stack([_seq_bounds(q[i], kv, g.block_tables_cpu[i][:n])
+        return pad_stack([seq_page_bounds(q[i], kv, g.block_tables_cpu[i][:n])
                           for i, n in zip(plan.active, plan.pool_pages.tolist())], float("-inf"))
 
     def select(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> list[torch.Tensor | None]:

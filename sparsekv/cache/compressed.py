@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsekv.cache.kv_cache import KVCache, LayerKV, WriteIndex
-from sparsekv.cache.kv_prune import compress, token_bytes
+from sparsekv.cache.kv_cache import PAGE_BOUNDS, KVCache, KVSpec, LayerKV, WriteIndex
+from sparsekv.cache.kv_prune import compress, decompress, token_bytes
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,15 @@ class CompressedLayerKV(LayerKV):
     layout: MustafarLayout
 
     def compress_pages(self, pages: torch.Tensor, rows: torch.Tensor) -> None:
-        """Prune the staged tokens of `pages` (held in `rows`) into their compressed records."""
+        """Prune the staged tokens of `pages` (held in `rows`) into their compressed records, and
+        with Quest's bounds table the element-wise min / max of the pruned keys: the keys attention
+        reads, so the bound holds for them (a dropped channel counts as 0)."""
         for dense, vals, bits, keep in ((self.k, self.kc, self.kb, self.layout.k_keep),
                                         (self.v, self.vc, self.vb, self.layout.v_keep)):
             vals[pages], bits[pages] = compress(dense[rows], keep)
+        if "kmin" in self.side:
+            keys = decompress(self.kc[pages], self.kb[pages], self.k.shape[-1])  # [n, Hkv, ps, D]
+            self.side["kmin"][pages], self.side["kmax"][pages] = keys.amin(2), keys.amax(2)
 
 
 def _head_major(num_pages: int, hkv: int, ps: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -100,8 +105,20 @@ class CompressedKVCache(KVCache):
         self._compressing: tuple[list[int], list[int], torch.Tensor, torch.Tensor] | None = None
         self._write_rows: torch.Tensor | None = None
 
-    def ensure(self, spec) -> None:
-        raise ValueError(f"side table {spec.name!r} is not kept over a Mustafar-compressed cache")
+    def ensure(self, spec: KVSpec) -> None:
+        """Quest's page bounds over the compressed pages (head-major, filled as pages are
+        compressed; the dense window is always attended, so its pages need none)."""
+        if spec.name != PAGE_BOUNDS.name:
+            raise ValueError(f"side table {spec.name!r} is not kept over a Mustafar-compressed cache")
+        if spec.name not in self.specs:
+            for kv in self.layers:
+                hkv, d = kv.kc.shape[1], kv.k.shape[3]
+                kv.side["kmin"] = _head_major(self.num_pages, hkv, 1, d, kv.k.dtype, kv.k.device)[:, :, 0]
+                kv.side["kmax"] = torch.zeros_like(kv.side["kmin"])
+                for a in range(0, self.num_pages, 256):  # pages compressed before now, from their records
+                    keys = decompress(kv.kc[a:a + 256], kv.kb[a:a + 256], d)
+                    kv.side["kmin"][a:a + 256], kv.side["kmax"][a:a + 256] = keys.amin(2), keys.amax(2)
+            self.specs[spec.name] = spec
 
     def plan_step(self, meta) -> None:
         """Finish the last step's compression (its last layer), lease rows to the pages this

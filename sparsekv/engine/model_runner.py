@@ -81,6 +81,7 @@ class ModelRunner:
             budget -= staging * per_page
             per_page = self.layout.page_bytes(a.num_layers, self.page_size, a.num_kv_heads, a.head_dim,
                                               self.dtype.itemsize)
+            per_page += a.num_layers * sum(s.page_bytes(a.num_kv_heads, a.head_dim, self.dtype.itemsize) for s in specs)
         self.num_pages = min(max(budget // per_page, 1), need)
         if self.num_pages * self.page_size < max_model_len:
             raise ValueError(f"the KV cache ({self.num_pages} pages of {self.page_size} tokens) cannot hold one "
@@ -89,6 +90,8 @@ class ModelRunner:
         if self.layout is not None:
             self.kv_cache = CompressedKVCache(a.num_layers, self.num_pages, staging, self.page_size, a.num_kv_heads,
                                               a.head_dim, self.dtype, self.device, self.layout)
+            for spec in specs:
+                self.kv_cache.ensure(spec)
         else:
             self.kv_cache = KVCache(a.num_layers, self.num_pages, self.page_size, a.num_kv_heads, a.head_dim,
                                     self.dtype, self.device, specs)
@@ -136,8 +139,9 @@ class ModelRunner:
         if hit is not None and hit[0] is sp:
             return hit[1]
         n = self.model.args.num_layers
-        if self.layout is not None:  # the pool is compressed in every layer
-            routes = [MUSTAFAR] * n
+        if self.layout is not None:  # the pool is compressed in every layer: Quest selects within it
+            routes = [("mustafar_quest", params) if method == "quest" else MUSTAFAR
+                      for method, params in sp.layer_routes(phase, context_len, n)]
         else:
             routes = sp.layer_routes(phase, context_len, n)
         if len(self._routes) >= 256:  # per-request configs come and go: keep the cache bounded
@@ -155,7 +159,8 @@ class ModelRunner:
         if bad:
             raise ValueError(f"dense_layers {bad} are not layers of this {n}-layer model")
         for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
-            backend_class(spec.method, self.device.type)
+            backend_class(spec.method if self.layout is None or spec.method != "quest" else "mustafar_quest",
+                          self.device.type)
             spec.params(phase).check_model(self.shape)
         if sp.ffn.method != "none":
             ffn = FFN_BACKENDS[sp.ffn.method]

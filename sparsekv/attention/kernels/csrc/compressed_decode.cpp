@@ -10,7 +10,9 @@
 // as words of 64 channels (32 at D = 32); with AVX-512 each 16-channel chunk of the row is one
 // masked expand of the packed values under that chunk's 16 bits, on other CPUs the values are
 // stored into a zeroed row at the set bits. The dense window of recent tokens can be merged in
-// as one more split, so the step's output comes out of one call.
+// as one more split, so the step's output comes out of one call. Optional page lists [B, Hkv, n]
+// restrict each KV head to its listed compressed pages (Quest over the compressed cache), so
+// the records of unlisted pages are never read.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -92,13 +94,19 @@ template <typename T>
 struct Params {
   const T *q, *kc, *vc;
   const uint8_t *kb, *vb;  // channel bitmaps
-  const int32_t *bt, *nc;
-  int64_t sq_b, sq_h, sbt;
+  const int32_t *bt, *nc, *pl;  // pl: page lists or nullptr
+  int64_t sq_b, sq_h, sbt, spl_b, spl_h, spl_n;
   int64_t sk[3], skb[3], sv[3], svb[3];  // page, KV head and token strides of the records
   int64_t num_pages;
   int G, page_size;
   float scale;
 };
+
+// Logical page of entry i of an item: its list entry, or i itself without lists (-1: padding).
+template <typename T>
+inline int64_t logical_page(const Params<T>& p, const Item& it, int i) {
+  return p.pl ? p.pl[it.b * p.spl_b + it.h * p.spl_h + i * p.spl_n] : i;
+}
 
 template <typename T>
 inline void prefetch_records(const Params<T>& p, int64_t phys, int64_t h, int n) {
@@ -122,16 +130,19 @@ bool run_item(const Params<T>& p, const Item& it, float* __restrict__ acc, float
   bool ok = true;
   int filled = 0;
   for (int i = it.lo; i < it.hi; ++i) {
-    const int n = static_cast<int>(std::min<int64_t>(ps, len - i * ps));
-    const int64_t phys = p.bt[it.b * p.sbt + i];
+    const int64_t lp = logical_page(p, it, i);
+    if (lp < 0 || lp * ps >= len) continue;  // padding, or past the compressed tokens
+    const int n = static_cast<int>(std::min<int64_t>(ps, len - lp * ps));
+    const int64_t phys = p.bt[it.b * p.sbt + lp];
     if (phys < 0 || phys >= p.num_pages) {
       ok = false;
       continue;
     }
     const int ia = i + kPrefetchPages;
-    if (ia < it.hi) {
-      const int64_t ahead = p.bt[it.b * p.sbt + ia];
-      if (ahead >= 0 && ahead < p.num_pages) prefetch_records(p, ahead, h, std::min<int64_t>(ps, len - ia * ps));
+    const int64_t la = ia < it.hi ? logical_page(p, it, ia) : -1;
+    if (la >= 0 && la * ps < len) {
+      const int64_t ahead = p.bt[it.b * p.sbt + la];
+      if (ahead >= 0 && ahead < p.num_pages) prefetch_records(p, ahead, h, std::min<int64_t>(ps, len - la * ps));
     }
     const T* kc = p.kc + phys * p.sk[0] + h * p.sk[1];
     const uint8_t* kb = p.kb + phys * p.skb[0] + h * p.skb[1];
@@ -167,12 +178,14 @@ void check_records(const at::Tensor& vals, const at::Tensor& bits, const at::Ten
 // q [B, Hq, D]; kc/kb, vc/vb records: values [num_pages, Hkv, ps, keep] in q's dtype and uint8
 // channel bitmaps [num_pages, Hkv, ps, D / 8], each with exactly `keep` bits set; block_table
 // int32 [B, max_pages]; num_compressed int32 [B]; optionally the dense window's normalised out
-// [B, Hq, D] and lse float32 [B, Hq] to merge. Returns out [B, Hq, D] in q's dtype (normalised)
+// [B, Hq, D] and lse float32 [B, Hq] to merge; optionally page_lists int32 [B, Hkv, n] of logical
+// compressed pages padded with -1 (entries past num_compressed are skipped). Returns out [B, Hq, D] in q's dtype (normalised)
 // and lse float32 [B, Hq] (-inf: nothing to read).
 std::tuple<at::Tensor, at::Tensor> compressed_decode(
     const at::Tensor& q, const at::Tensor& kc, const at::Tensor& kb, const at::Tensor& vc, const at::Tensor& vb,
     const at::Tensor& block_table, const at::Tensor& num_compressed, double scale,
-    const std::optional<at::Tensor>& window_out, const std::optional<at::Tensor>& window_lse) {
+    const std::optional<at::Tensor>& window_out, const std::optional<at::Tensor>& window_lse,
+    const std::optional<at::Tensor>& page_lists) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, Hq, D] with unit stride over D");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   check_records(kc, kb, q, "keys");
@@ -192,11 +205,17 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
     TORCH_CHECK(window_lse.has_value() && window_lse->scalar_type() == at::kFloat && window_lse->is_contiguous() &&
                 window_lse->numel() == B * hq, "window_lse float32 [B, Hq]");
   }
+  const bool sparse = page_lists.has_value() && page_lists->defined();
+  if (sparse) {
+    TORCH_CHECK(page_lists->scalar_type() == at::kInt && page_lists->dim() == 3 && page_lists->size(0) == B &&
+                page_lists->size(1) == hkv, "page_lists int32 [B, Hkv, n]");
+  }
   const int32_t* nc = num_compressed.data_ptr<int32_t>();
   std::vector<int64_t> count(B);
   for (int64_t b = 0; b < B; ++b) {
     count[b] = (std::max<int32_t>(nc[b], 0) + ps - 1) / ps;
     TORCH_CHECK(count[b] <= block_table.size(1), "num_compressed exceeds the block table");
+    if (sparse) count[b] = count[b] ? page_lists->size(2) : 0;
   }
   std::vector<int64_t> group_begin;
   const std::vector<Item> items = plan(count, hkv, ps, group_begin);
@@ -206,7 +225,9 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
     using T = decltype(tag);
     constexpr int Dc = decltype(dim)::value;
     Params<T> p{q.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), kb.data_ptr<uint8_t>(), vb.data_ptr<uint8_t>(),
-                block_table.data_ptr<int32_t>(), nc, q.stride(0), q.stride(1), block_table.stride(0),
+                block_table.data_ptr<int32_t>(), nc, sparse ? page_lists->data_ptr<int32_t>() : nullptr,
+                q.stride(0), q.stride(1), block_table.stride(0), sparse ? page_lists->stride(0) : 0,
+                sparse ? page_lists->stride(1) : 0, sparse ? page_lists->stride(2) : 0,
                 {kc.stride(0), kc.stride(1), kc.stride(2)}, {kb.stride(0), kb.stride(1), kb.stride(2)},
                 {vc.stride(0), vc.stride(1), vc.stride(2)}, {vb.stride(0), vb.stride(1), vb.stride(2)},
                 kc.size(0), static_cast<int>(hq / hkv), static_cast<int>(ps), static_cast<float>(scale)};
@@ -225,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor> compressed_decode(
 
 TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
   m.def("compressed_decode(Tensor q, Tensor kc, Tensor kb, Tensor vc, Tensor vb, Tensor block_table, "
-        "Tensor num_compressed, float scale, Tensor? window_out, Tensor? window_lse) -> (Tensor, Tensor)",
+        "Tensor num_compressed, float scale, Tensor? window_out, Tensor? window_lse, Tensor? page_lists) "
+        "-> (Tensor, Tensor)",
         &compressed_decode);
 }

@@ -1,0 +1,58 @@
+"""Quest over Mustafar's compressed cache: each KV head reads only its best compressed pages.
+
+Composes `decode.method = "quest"` with `kv.prune = "mustafar"`. A compressed page's bounds are
+the element-wise min / max of its *pruned* keys, taken when the page is compressed
+(cache/compressed.py), so the Quest bound holds for the keys attention actually reads. The dense
+window (under local_window + compress_chunk tokens) is always attended; the budget counts every
+attended token, so the compressed pages kept are (budget - local_window - compress_chunk) //
+page_size, whatever a request's window holds at this step. Within the budget the request reads
+the whole compressed cache, exactly as Mustafar alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekv.attention.backend import Plan, register
+from sparsekv.attention.mustafar import MustafarBackend, MustafarStep
+from sparsekv.attention.page_select import pad_stack, pool_ratio, select_pages
+from sparsekv.attention.quest import QuestParams, seq_page_bounds
+from sparsekv.cache.compressed import CompressedLayerKV, MustafarLayout
+from sparsekv.cache.kv_cache import PAGE_BOUNDS
+
+
+def compressed_budget_pages(params: QuestParams, layout: MustafarLayout) -> int:
+    """Quest selection pages kept among the compressed ones: what the budget leaves beside the
+    longest dense window."""
+    return (params.budget - layout.local_window - layout.compress_chunk) // params.page_size
+
+
+@register
+class MustafarQuestBackend(MustafarBackend):
+    name = "mustafar_quest"
+    phases = ("decode",)
+    Params = QuestParams
+    kv_spec = (PAGE_BOUNDS,)
+
+    def select(self, q: torch.Tensor, kv: CompressedLayerKV, plan: Plan, step: MustafarStep) -> torch.Tensor | None:
+        p, g, ps = self.params, plan.group, kv.page_size
+        ratio = pool_ratio(p.page_size, ps)
+        keep = compressed_budget_pages(p, kv.layout)
+        pool_pages = [c // ps for c in step.num_compressed]
+        active = [i for i, n in enumerate(pool_pages) if -(-n // ratio) > keep]
+        if not active:
+            plan.attended += plan.dense_pairs
+            return None
+        with torch.profiler.record_function("quest.select"):
+            scores = pad_stack([seq_page_bounds(q[i], kv, g.block_tables_cpu[i][:pool_pages[i]]) for i in active],
+                               float("-inf"))
+            chosen = select_pages(scores, torch.tensor([pool_pages[i] for i in active]), ratio, "max", keep,
+                                  recent=0, tie_break=0.0)
+        hkv, hq = kv.kc.shape[1], q.shape[1]
+        lists = [torch.arange(n).expand(hkv, -1) for n in pool_pages]
+        for i, row in zip(active, chosen):
+            lists[i] = row
+        lists_t = pad_stack(lists, -1).to(torch.int32)
+        compressed = (lists_t >= 0).sum((1, 2)).double() * ps * (hq // hkv)
+        window = torch.tensor([n - c for n, c in zip(g.seq_lens_cpu, step.num_compressed)], dtype=torch.float64)
+        plan.attended += (compressed + window * hq).to(plan.attended.device)
+        return lists_t

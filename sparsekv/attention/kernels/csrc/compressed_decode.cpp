@@ -8,8 +8,9 @@
 // tokens becomes fp32 rows in L1: each record is expanded into its dense D-float row once (for
 // all G heads), so the bytes read from memory are the records' alone. The stored bitmap is read
 // as words of 64 channels (32 at D = 32); with AVX-512 each 16-channel chunk of the row is one
-// masked expand of the packed values under that chunk's 16 bits, on other CPUs the values are
-// stored into a zeroed row at the set bits. The dense window of recent tokens can be merged in
+// masked expand of the packed values under that chunk's 16 bits, with AVX2 each 8-channel byte is
+// one permutation from a 256-entry table, elsewhere the values are stored into a zeroed row at the
+// set bits. The dense window of recent tokens can be merged in
 // as one more split, so the step's output comes out of one call. Optional page lists [B, Hkv, n]
 // restrict each KV head to its listed compressed pages (Quest over the compressed cache), so
 // the records of unlisted pages are never read.
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -30,6 +32,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SPARSEKV_EXPAND_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define SPARSEKV_EXPAND_AVX2 1
 #endif
 
 namespace {
@@ -56,6 +61,32 @@ inline __m512 load_packed(const c10::BFloat16* src, int cnt) {
   const __m256i x = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), src);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
+#elif defined(SPARSEKV_EXPAND_AVX2)
+// AVX2 has no expand: for each bitmap byte (8 channels) a permutation moves the packed values to
+// their set lanes. kPackedPos[byte] holds, 3 bits per lane, the packed position of each set lane
+// and 7 for a clear one (the masked load leaves lane 7 zero whenever a lane is clear).
+constexpr std::array<uint32_t, 256> packed_positions() {
+  std::array<uint32_t, 256> lut{};
+  for (unsigned byte = 0; byte < 256; ++byte) {
+    uint32_t word = 0;
+    for (int lane = 0, pos = 0; lane < 8; ++lane) word |= (byte >> lane & 1 ? pos++ : 7u) << (3 * lane);
+    lut[byte] = word;
+  }
+  return lut;
+}
+constexpr std::array<uint32_t, 256> kPackedPos = packed_positions();
+
+// The first cnt (<= 8) packed values at src as fp32 lanes, the rest 0, reading no byte past them.
+inline __m256 load_packed8(const float* src, int cnt) {
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(src, live);
+}
+inline __m256 load_packed8(const c10::BFloat16* src, int cnt) {
+  alignas(16) uint16_t bits[8] = {};
+  std::memcpy(bits, src, cnt * sizeof(uint16_t));
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bits)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
 #endif
 
 // The dense fp32 row of one record (zeros where channels were dropped) into dst [D], aligned to 64.
@@ -64,22 +95,33 @@ inline void expand_row(const T* val, const uint8_t* bitmap, float* __restrict__ 
   using Word = BitWord<D>;
   constexpr int B = 8 * sizeof(Word);
   static_assert(D % B == 0, "head dim must be a multiple of the bitmap word");
+  int off = 0;
+#if defined(SPARSEKV_EXPAND_AVX512)
   Word words[D / B];
   std::memcpy(words, bitmap, D / 8);  // records are only byte-aligned
-#ifdef SPARSEKV_EXPAND_AVX512
   constexpr int per_word = B / kLanes;
-  int off = 0;
   for (int c = 0; c < D / kLanes; ++c) {
     const auto k = static_cast<__mmask16>(words[c / per_word] >> (kLanes * (c % per_word)));
     const int cnt = __builtin_popcount(static_cast<unsigned>(k));
     _mm512_store_ps(dst + c * kLanes, _mm512_maskz_expand_ps(k, load_packed(val + off, cnt)));
     off += cnt;
   }
+#elif defined(SPARSEKV_EXPAND_AVX2)
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  for (int c = 0; c < D / 8; ++c) {
+    const unsigned byte = bitmap[c];
+    const int cnt = __builtin_popcount(byte);
+    const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(kPackedPos[byte]), shifts),
+                                         _mm256_set1_epi32(7));
+    _mm256_store_ps(dst + 8 * c, _mm256_permutevar8x32_ps(load_packed8(val + off, cnt), pos));
+    off += cnt;
+  }
 #else
+  Word words[D / B];
+  std::memcpy(words, bitmap, D / 8);
   for (int d = 0; d < D; ++d) dst[d] = 0.f;
-  int j = 0;
   for (int w = 0; w < D / B; ++w) {
-    for (Word bits = words[w]; bits; bits &= bits - 1) dst[w * B + __builtin_ctzll(bits)] = widen(val[j++]);
+    for (Word bits = words[w]; bits; bits &= bits - 1) dst[w * B + __builtin_ctzll(bits)] = widen(val[off++]);
   }
 #endif
 }

@@ -33,55 +33,71 @@ inline float widen(c10::BFloat16 x) {
   return f;
 }
 
-// 16 floats: AVX-512 registers where the CPU has them, pairs of AVX2 registers otherwise.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // for loads from any row
+// One vector register of floats: 16 lanes (zmm) where the CPU has AVX-512, 8 (ymm) otherwise.
+// Written as 16-lane vectors on AVX2, GCC lowered the shuffle trees lane by lane through
+// general registers and spilled every accumulator (the decode kernel at 0.2 of the bandwidth).
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4)));  // for loads from any row
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-typedef int32_t v16i __attribute__((vector_size(64)));
+inline vf loadv(const float* src) { return *reinterpret_cast<const vfu*>(src); }
+inline vf splat(float x) { return vf{} + x; }
 
-inline v16 load16(const float* src) { return *reinterpret_cast<const v16u*>(src); }
-inline v16 splat(float x) { return v16{} + x; }
-
-// e^x for x <= 0 on 16 lanes in plain arithmetic (libm's expf is a call, and the compiler left
+// e^x for x <= 0 on a vector's lanes in plain arithmetic (libm's expf is a call, and the compiler left
 // a scalar version of this unvectorised): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f
 // by a degree-6 Taylor series (rel. err ~1e-7); below -87 it flushes towards 0.
-inline v16 exp_neg(v16 x) {
-  const v16 t = (x > -87.f ? x : splat(-87.f)) * 1.4426950409f;
-  const v16i n = -__builtin_convertvector(0.5f - t, v16i);  // 0.5 - t > 0: truncation is floor
-  const v16 f = (t - __builtin_convertvector(n, v16)) * 0.6931471806f;
-  const v16 p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
-  return p * reinterpret_cast<v16>((n + 127) << 23);
+inline vf exp_neg(vf x) {
+  const vf t = (x > -87.f ? x : splat(-87.f)) * 1.4426950409f;
+  const vi n = -__builtin_convertvector(0.5f - t, vi);  // 0.5 - t > 0: truncation is floor
+  const vf f = (t - __builtin_convertvector(n, vf)) * 0.6931471806f;
+  const vf p = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
+  return p * reinterpret_cast<vf>((n + 127) << 23);
 }
 
-// Max and sum over a vector's lanes by halving trees (a scalar chain costs 15 latencies).
-inline v16 swap_halves(v16 x, int level) {
+// Max and sum over a vector's lanes by halving trees (a scalar chain costs kLanes latencies).
+constexpr int kLaneLevels = kLanes == 16 ? 4 : 3;
+
+inline vf swap_halves(vf x, int level) {
+#ifdef __AVX512F__
   switch (level) {
     case 0: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     case 1: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   }
+#else
+  switch (level) {
+    case 0: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+    case 1: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+  }
+#endif
 }
 
-inline float lanes_max(v16 x) {
-  for (int level = 0; level < 4; ++level) {
-    const v16 y = swap_halves(x, level);
+inline float lanes_max(vf x) {
+  for (int level = 0; level < kLaneLevels; ++level) {
+    const vf y = swap_halves(x, level);
     x = x > y ? x : y;
   }
   return x[0];
 }
 
-inline float lanes_sum(v16 x) {
-  for (int level = 0; level < 4; ++level) x += swap_halves(x, level);
+inline float lanes_sum(vf x) {
+  for (int level = 0; level < kLaneLevels; ++level) x += swap_halves(x, level);
   return x[0];
 }
 
-// Lane sums of 16 vectors as one vector (out[t] = sum of x[t]'s lanes): a shuffle tree that
-// halves the lanes of each pair per level, 15 adds for 16 dot products where 16 horizontal
-// sums would take 64 operations.
-inline v16 lane_sums(const v16* x) {
-  v16 a[8], b[4], c[2];
+// Lane sums of kLanes vectors as one vector (out[t] = sum of x[t]'s lanes): a shuffle tree that
+// halves the lanes of each pair per level, kLanes - 1 adds where kLanes horizontal sums would
+// take kLanes * log2(kLanes) operations.
+#ifdef __AVX512F__
+inline vf lane_sums(const vf* x) {
+  vf a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {
     a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -97,6 +113,18 @@ inline v16 lane_sums(const v16* x) {
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+// vhaddps within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+inline vf pair_sums(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+inline vf lane_sums(const vf* x) {
+  const vf lo = pair_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));  // halves of x[0..3]'s sums
+  const vf hi = pair_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
 
 // Requests `bytes` from `src` ahead of use: memory stays busy during the arithmetic, also where
 // a fragmented block table defeats the hardware prefetcher.
@@ -126,7 +154,7 @@ inline void reset_state(int G, float* acc, float* m, float* l) {
 }
 
 // One page of n fp32 rows into the online softmax of GB query heads at once. Each phase runs
-// over all GB heads before the next (scores of 16 rows per lane-sum tree with q in registers,
+// over all GB heads before the next (scores of kLanes rows per lane-sum tree with q in registers,
 // then max, exp and sum, then V), so the heads' dependency chains overlap instead of queueing
 // one after another, and each V row is loaded once for all GB heads' register accumulators.
 template <int D, int GB>
@@ -134,54 +162,54 @@ inline void attend_heads(const float* __restrict__ qf, const float* kp, int64_t 
                          int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
   constexpr int V = D / kLanes;
   alignas(64) float s[GB][kMaxPageSize + kLanes];
-  v16 lane;
+  vf lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
   float mx[GB], alpha[GB];
   for (int g = 0; g < GB; ++g) {
-    v16 qv[V];
-    for (int c = 0; c < V; ++c) qv[c] = load16(qf + g * D + c * kLanes);
-    v16 top = splat(m[g]);
+    vf qv[V];
+    for (int c = 0; c < V; ++c) qv[c] = loadv(qf + g * D + c * kLanes);
+    vf top = splat(m[g]);
     for (int t0 = 0; t0 < n; t0 += kLanes) {
-      v16 part[kLanes];
+      vf part[kLanes];
       const int rows = std::min(kLanes, n - t0);
       for (int t = 0; t < kLanes; ++t) {
-        v16 a = {};
+        vf a = {};
         if (t < rows) {
           const float* kr = kp + (t0 + t) * ks;
-          for (int c = 0; c < V; ++c) a += qv[c] * load16(kr + c * kLanes);
+          for (int c = 0; c < V; ++c) a += qv[c] * loadv(kr + c * kLanes);
         }
         part[t] = a;
       }
-      const v16 sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
-      *reinterpret_cast<v16u*>(s[g] + t0) = sc;
+      const vf sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
+      *reinterpret_cast<vfu*>(s[g] + t0) = sc;
       top = top > sc ? top : sc;
     }
     mx[g] = lanes_max(top);
   }
   for (int g = 0; g < GB; ++g) {
     alpha[g] = exp_neg(splat(m[g] - mx[g]))[0];
-    v16 sum = {};
+    vf sum = {};
     for (int t0 = 0; t0 < n; t0 += kLanes) {
-      const v16 e = exp_neg(load16(s[g] + t0) - mx[g]);
-      *reinterpret_cast<v16u*>(s[g] + t0) = e;
+      const vf e = exp_neg(loadv(s[g] + t0) - mx[g]);
+      *reinterpret_cast<vfu*>(s[g] + t0) = e;
       sum += e;
     }
     l[g] = l[g] * alpha[g] + lanes_sum(sum);
     m[g] = mx[g];
   }
-  v16 o[GB][V];
+  vf o[GB][V];
   for (int g = 0; g < GB; ++g) {
-    for (int c = 0; c < V; ++c) o[g][c] = load16(acc + g * D + c * kLanes) * alpha[g];
+    for (int c = 0; c < V; ++c) o[g][c] = loadv(acc + g * D + c * kLanes) * alpha[g];
   }
   for (int t = 0; t < n; ++t) {
-    v16 row[V];
-    for (int c = 0; c < V; ++c) row[c] = load16(vp + t * vs + c * kLanes);
+    vf row[V];
+    for (int c = 0; c < V; ++c) row[c] = loadv(vp + t * vs + c * kLanes);
     for (int g = 0; g < GB; ++g) {
       for (int c = 0; c < V; ++c) o[g][c] += s[g][t] * row[c];
     }
   }
   for (int g = 0; g < GB; ++g) {
-    for (int c = 0; c < V; ++c) *reinterpret_cast<v16u*>(acc + g * D + c * kLanes) = o[g][c];
+    for (int c = 0; c < V; ++c) *reinterpret_cast<vfu*>(acc + g * D + c * kLanes) = o[g][c];
   }
 }
 
@@ -190,7 +218,11 @@ inline void attend_heads(const float* __restrict__ qf, const float* kp, int64_t 
 template <int D>
 inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, int64_t ks, const float* vp,
                         int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
+#ifdef __AVX512F__
   constexpr int kMaxChunk = D >= 128 ? 2 : 4;
+#else  // 16 ymm registers: one head's V accumulators at D = 64
+  constexpr int kMaxChunk = D <= 32 ? 2 : 1;
+#endif
   for (int g0 = 0; g0 < G;) {
     const int gb = std::min(kMaxChunk, G - g0);
     const float* q = qf + g0 * D;

@@ -4,9 +4,9 @@
 // item runs an online softmax over its pages and writes an unnormalised partial output with
 // its max and sum; a merge pass combines the splits. Threads pull items from an atomic
 // counter, so sequences of unequal length still balance. The GQA group's G query heads
-// share every page while it sits in L1; scores are computed 16 keys at a time into one vector
+// share every page while it sits in L1; scores are computed one vector's worth of keys at a time
 // (a lane-sum tree instead of a horizontal sum per key) and the weighted values accumulate in
-// registers, in 16-float vectors that are AVX-512 registers or pairs of AVX2 ones. bf16 pages
+// registers (16-float zmm with AVX-512, 8-float ymm otherwise: decode_common.h). bf16 pages
 // widen to fp32 once per page. Optional row lengths [B, Hkv] let each KV head read only the
 // last row_len of its sequence's seq_len positions (token eviction with per-head budgets):
 // pages wholly before them are skipped unread.

@@ -3,8 +3,8 @@
 // weights at 0.23-0.35 of the read bandwidth at one row and 0.12-0.2 at 16 (Zen 4; the tied
 // lm_head at 0.6-0.8 on a Xeon), benchmarks/small_gemm.py.
 // Here each thread streams its own contiguous run of weight rows once: a tile of NB rows meets
-// MB input rows in 16 vector accumulators (MB * NB = 16), one shuffle tree turns them into 16
-// dot products, and the tile's rows stay in L1 while the other input rows pass over them.
+// MB input rows in kLanes vector accumulators (MB * NB = kLanes: 16 zmm with AVX-512, 8 ymm with
+// AVX2), one shuffle tree turns them into kLanes dot products, and the tile's rows stay in L1 while the other input rows pass over them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,18 +14,18 @@
 
 namespace {
 
+using sparsekv_decode::kLanes;
 using sparsekv_decode::lane_sums;
-using sparsekv_decode::v16;
+using sparsekv_decode::vf;
 using sparsekv_decode::widen;
 
 constexpr int64_t kMaxRows = 16;
 
-inline v16 load(const float* src) { return sparsekv_decode::load16(src); }
-inline v16 load(const c10::BFloat16* src) {  // bf16 -> fp32 is a 16-bit shift
-  typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-  typedef int32_t i16 __attribute__((vector_size(64)));
-  const i16 wide = __builtin_convertvector(*reinterpret_cast<const u16x16*>(src), i16) << 16;
-  return reinterpret_cast<v16>(wide);
+inline vf load(const float* src) { return sparsekv_decode::loadv(src); }
+inline vf load(const c10::BFloat16* src) {  // bf16 -> fp32 is a 16-bit shift
+  typedef uint16_t u16v __attribute__((vector_size(2 * kLanes), aligned(2)));
+  const sparsekv_decode::vi wide = __builtin_convertvector(*reinterpret_cast<const u16v*>(src), sparsekv_decode::vi) << 16;
+  return reinterpret_cast<vf>(wide);
 }
 
 // One tile: rows x[m0 .. m0+MB) against w[n0 .. n0+NB); rows past the ends are clamped to the
@@ -37,17 +37,17 @@ inline void tile(const T* x, int64_t sx, const T* w, int64_t sw, const T* bias, 
   const T* wr[NB];
   for (int i = 0; i < MB; ++i) xr[i] = x + std::min<int64_t>(m0 + i, M - 1) * sx;
   for (int j = 0; j < NB; ++j) wr[j] = w + std::min<int64_t>(n0 + j, N - 1) * sw;
-  v16 acc[MB * NB] = {};
-  const int64_t kv = K - K % 16;
-  for (int64_t k = 0; k < kv; k += 16) {
-    v16 xv[MB];
+  vf acc[MB * NB] = {};
+  const int64_t kv = K - K % kLanes;
+  for (int64_t k = 0; k < kv; k += kLanes) {
+    vf xv[MB];
     for (int i = 0; i < MB; ++i) xv[i] = load(xr[i] + k);
     for (int j = 0; j < NB; ++j) {
-      const v16 wv = load(wr[j] + k);
+      const vf wv = load(wr[j] + k);
       for (int i = 0; i < MB; ++i) acc[i * NB + j] += xv[i] * wv;
     }
   }
-  const v16 dots = lane_sums(acc);
+  const vf dots = lane_sums(acc);
   for (int i = 0; i < MB && m0 + i < M; ++i) {
     for (int j = 0; j < NB && n0 + j < N; ++j) {
       float s = dots[i * NB + j];
@@ -94,11 +94,11 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
     const T* wp = weight.data_ptr<T>();
     T* op = out.data_ptr<T>();
     if (M == 1) {
-      gemm<T, 1, 16>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
+      gemm<T, 1, kLanes>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
     } else if (M == 2) {
-      gemm<T, 2, 8>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
+      gemm<T, 2, kLanes / 2>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
     } else {
-      gemm<T, 4, 4>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
+      gemm<T, 4, kLanes / 4>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
     }
   };
   if (x.scalar_type() == at::kFloat) {

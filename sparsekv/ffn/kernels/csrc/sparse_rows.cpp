@@ -31,10 +31,10 @@
 namespace {
 
 using sparsekv_decode::kLanes;
-using sparsekv_decode::load16;
+using sparsekv_decode::loadv;
 using sparsekv_decode::splat;
-using sparsekv_decode::v16;
-using sparsekv_decode::v16u;
+using sparsekv_decode::vf;
+using sparsekv_decode::vfu;
 
 constexpr int kRowBlock = 8;  // weight rows per pass over the accumulator
 constexpr int64_t kMinThreadFloats = 16384;  // weight floats per thread at least (64 KiB): fewer run on one
@@ -141,13 +141,13 @@ at::Tensor accumulate(const Active& a, int64_t B, const at::Tensor& wt) {
         // each chunk of the block's weights is loaded once and meets every batch row
         for (int64_t n = 0; n < nv; n += kLanes) {
           for (int r = 0; r < kRowBlock; ++r) __builtin_prefetch(ahead[r] + n, 0, 2);
-          v16 wv[kRowBlock];
-          for (int r = 0; r < kRowBlock; ++r) wv[r] = load16(w[r] + n);
+          vf wv[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) wv[r] = loadv(w[r] + n);
           for (int64_t b = 0; b < B; ++b) {
             const float* cb = c.data() + b * kRowBlock;
-            v16 sum = load16(acc + b * N + n);
+            vf sum = loadv(acc + b * N + n);
             for (int r = 0; r < kRowBlock; ++r) sum += splat(cb[r]) * wv[r];
-            *reinterpret_cast<v16u*>(acc + b * N + n) = sum;
+            *reinterpret_cast<vfu*>(acc + b * N + n) = sum;
           }
         }
         for (int64_t b = 0; b < B; ++b)

@@ -22,12 +22,16 @@
 #include <limits>
 #include <vector>
 
+#include "decode_common.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-constexpr int kLanes = 16;
-constexpr int kRows = 8;  // key rows per tile: each query vector loaded from L1 serves 8 rows
+using sparsekv_decode::kLanes;  // the ISA's vector width (decode_common.h)
+using sparsekv_decode::vf;
+using sparsekv_decode::vfu;
+// key rows per tile: each query vector loaded from L1 serves them; the R x NV accumulators stay
+// within the register file (16 of 32 zmm; 8 of 16 ymm on AVX2)
+constexpr int kRows = kLanes == 16 ? 8 : 4;
 constexpr int kHalf = kRows / 2;  // rows per tile with 3 or 4 query vectors
 constexpr int kMaxVecs = 4;  // query vectors per pass; up to 16 accumulators stay in registers
 constexpr float kNone = -std::numeric_limits<float>::infinity();
@@ -41,24 +45,24 @@ struct Unit {
   int64_t stride, D;
 };
 
-// out[r] = max(out[r], max over a pass's NV query vectors of q . rows[r]), for R rows. 8 rows x
-// 2 vectors measured 1.5x the speed of 4 x 2 here (fewer loads per FMA).
+// out[r] = max(out[r], max over a pass's NV query vectors of q . rows[r]), for R rows. With AVX-512
+// 8 rows x 2 vectors measured 1.5x the speed of 4 x 2 (fewer loads per FMA).
 template <int NV, int R>
 void tile_pass(const Unit& u, const float* qt, const float* const* rows, float* out) {
-  v16 acc[R][NV];
+  vf acc[R][NV];
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = vf{};
   }
   for (int64_t d = 0; d < u.D; ++d) {
-    v16 q[NV];
-    for (int j = 0; j < NV; ++j) q[j] = *reinterpret_cast<const v16u*>(qt + d * u.width + j * kLanes);
+    vf q[NV];
+    for (int j = 0; j < NV; ++j) q[j] = *reinterpret_cast<const vfu*>(qt + d * u.width + j * kLanes);
     for (int r = 0; r < R; ++r) {
       const float x = rows[r][d];
       for (int j = 0; j < NV; ++j) acc[r][j] += q[j] * x;
     }
   }
   for (int r = 0; r < R; ++r) {
-    v16 m = acc[r][0];
+    vf m = acc[r][0];
     for (int j = 1; j < NV; ++j) m = m > acc[r][j] ? m : acc[r][j];
     float best = out[r];
     for (int l = 0; l < kLanes; ++l) best = std::max(best, m[l]);

@@ -99,6 +99,7 @@ def write_gguf_as(src: Path, out: Path, qtype: str = "F32") -> Path:
 
     if out.exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(out) + ".tmp", arch)

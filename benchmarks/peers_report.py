@@ -30,8 +30,8 @@ class Results:
     def cell(self, k: str, measure) -> None:
         t = time.time()
         try:
-            got = measure()
-            self.data["cells"][k] = {"wall_s": time.time() - t, **got, **self.shape}  # offline: own wall_s
+            summary = measure()
+            self.data["cells"][k] = {"wall_s": time.time() - t, **summary, **self.shape}  # offline: own wall_s
         except Exception as e:  # one failed cell is recorded, the run goes on
             self.data["cells"][k] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
         got = self.data["cells"][k]

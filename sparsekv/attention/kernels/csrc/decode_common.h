@@ -60,7 +60,7 @@ inline vf exp_neg(vf x) {
 }
 
 // Max and sum over a vector's lanes by halving trees (a scalar chain costs kLanes latencies).
-constexpr int kLaneLevels = kLanes == 16 ? 4 : 3;
+constexpr int kLaneLevels = __builtin_ctz(kLanes);  // log2
 
 inline vf swap_halves(vf x, int level) {
 #ifdef __AVX512F__

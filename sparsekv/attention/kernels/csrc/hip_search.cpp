@@ -33,7 +33,7 @@ using sparsekv_decode::vfu;
 // within the register file (16 of 32 zmm; 8 of 16 ymm on AVX2)
 constexpr int kRows = kLanes == 16 ? 8 : 4;
 constexpr int kHalf = kRows / 2;  // rows per tile with 3 or 4 query vectors
-constexpr int kMaxVecs = 4;  // query vectors per pass; up to 16 accumulators stay in registers
+constexpr int kMaxVecs = 4;  // query vectors per pass; up to 2 * kRows accumulators stay in registers
 constexpr float kNone = -std::numeric_limits<float>::infinity();
 
 // A unit's queries, transposed and padded to whole vectors by repeating query 0 (the max over

@@ -4,7 +4,8 @@
 // lm_head at 0.6-0.8 on a Xeon), benchmarks/small_gemm.py.
 // Here each thread streams its own contiguous run of weight rows once: a tile of NB rows meets
 // MB input rows in kLanes vector accumulators (MB * NB = kLanes: 16 zmm with AVX-512, 8 ymm with
-// AVX2), one shuffle tree turns them into kLanes dot products, and the tile's rows stay in L1 while the other input rows pass over them.
+// AVX2), one shuffle tree turns them into kLanes dot products, and the tile's rows stay in L1
+// while the other input rows pass over them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -153,40 +153,60 @@ inline void reset_state(int G, float* acc, float* m, float* l) {
   for (int g = 0; g < G; ++g) m[g] = kEmpty, l[g] = 0.f;
 }
 
+// Vector registers the V phase may hold as accumulators (the rest: broadcast weights, a row).
+#ifdef __AVX512F__
+constexpr int kAccRegs = 16;
+#else
+constexpr int kAccRegs = 12;
+#endif
+
+// Columns (in vectors) of V that GB heads accumulate per pass over the page: all V of them where
+// GB * V accumulators fit the registers, else the largest power of two that does.
+template <int V, int GB>
+constexpr int column_block() {
+  int cb = V;
+  while (cb > 1 && GB * cb > kAccRegs) cb /= 2;
+  return cb;
+}
+
 // One page of n fp32 rows into the online softmax of GB query heads at once. Each phase runs
-// over all GB heads before the next (scores of kLanes rows per lane-sum tree with q in registers,
-// then max, exp and sum, then V), so the heads' dependency chains overlap instead of queueing
-// one after another, and each V row is loaded once for all GB heads' register accumulators.
+// over all GB heads before the next (scores, then max, exp and sum, then V), so the heads'
+// dependency chains overlap, and every K and V row is loaded once for all GB heads: the page's
+// only pass from memory carries all the arithmetic (a pass per head left the later heads'
+// arithmetic waiting behind the first head's cache misses; AVX2, 16 x 4K: 0.55 of a sum's
+// bandwidth). Scores of kLanes rows go through one lane-sum tree per head.
 template <int D, int GB>
 inline void attend_heads(const float* __restrict__ qf, const float* kp, int64_t ks, const float* vp, int64_t vs,
                          int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
-  constexpr int V = D / kLanes;
+  constexpr int V = D / kLanes, CB = column_block<V, GB>();
   alignas(64) float s[GB][kMaxPageSize + kLanes];
   vf lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
   float mx[GB], alpha[GB];
-  for (int g = 0; g < GB; ++g) {
-    vf qv[V];
-    for (int c = 0; c < V; ++c) qv[c] = loadv(qf + g * D + c * kLanes);
-    vf top = splat(m[g]);
-    for (int t0 = 0; t0 < n; t0 += kLanes) {
-      vf part[kLanes];
-      const int rows = std::min(kLanes, n - t0);
-      for (int t = 0; t < kLanes; ++t) {
-        vf a = {};
-        if (t < rows) {
-          const float* kr = kp + (t0 + t) * ks;
-          for (int c = 0; c < V; ++c) a += qv[c] * loadv(kr + c * kLanes);
+  vf top[GB];
+  for (int g = 0; g < GB; ++g) top[g] = splat(m[g]);
+  for (int t0 = 0; t0 < n; t0 += kLanes) {
+    vf part[GB][kLanes];
+    const int rows = std::min(kLanes, n - t0);
+    for (int t = 0; t < kLanes; ++t) {
+      vf a[GB] = {};
+      if (t < rows) {
+        const float* kr = kp + (t0 + t) * ks;
+        for (int c = 0; c < V; ++c) {
+          const vf kc = loadv(kr + c * kLanes);
+          for (int g = 0; g < GB; ++g) a[g] += kc * loadv(qf + g * D + c * kLanes);
         }
-        part[t] = a;
       }
-      const vf sc = lane < static_cast<float>(rows) ? lane_sums(part) : splat(kEmpty);  // padding weighs 0
-      *reinterpret_cast<vfu*>(s[g] + t0) = sc;
-      top = top > sc ? top : sc;
+      for (int g = 0; g < GB; ++g) part[g][t] = a[g];
     }
-    mx[g] = lanes_max(top);
+    for (int g = 0; g < GB; ++g) {
+      const vf sc = lane < static_cast<float>(rows) ? lane_sums(part[g]) : splat(kEmpty);  // padding weighs 0
+      *reinterpret_cast<vfu*>(s[g] + t0) = sc;
+      top[g] = top[g] > sc ? top[g] : sc;
+    }
   }
   for (int g = 0; g < GB; ++g) {
+    mx[g] = lanes_max(top[g]);
     alpha[g] = exp_neg(splat(m[g] - mx[g]))[0];
     vf sum = {};
     for (int t0 = 0; t0 < n; t0 += kLanes) {
@@ -197,32 +217,30 @@ inline void attend_heads(const float* __restrict__ qf, const float* kp, int64_t 
     l[g] = l[g] * alpha[g] + lanes_sum(sum);
     m[g] = mx[g];
   }
-  vf o[GB][V];
-  for (int g = 0; g < GB; ++g) {
-    for (int c = 0; c < V; ++c) o[g][c] = loadv(acc + g * D + c * kLanes) * alpha[g];
-  }
-  for (int t = 0; t < n; ++t) {
-    vf row[V];
-    for (int c = 0; c < V; ++c) row[c] = loadv(vp + t * vs + c * kLanes);
+  for (int c0 = 0; c0 < V; c0 += CB) {
+    vf o[GB][CB];
     for (int g = 0; g < GB; ++g) {
-      for (int c = 0; c < V; ++c) o[g][c] += s[g][t] * row[c];
+      for (int c = 0; c < CB; ++c) o[g][c] = loadv(acc + g * D + (c0 + c) * kLanes) * alpha[g];
     }
-  }
-  for (int g = 0; g < GB; ++g) {
-    for (int c = 0; c < V; ++c) *reinterpret_cast<vfu*>(acc + g * D + c * kLanes) = o[g][c];
+    for (int t = 0; t < n; ++t) {
+      const float* vr = vp + t * vs + c0 * kLanes;
+      for (int c = 0; c < CB; ++c) {
+        const vf row = loadv(vr + c * kLanes);
+        for (int g = 0; g < GB; ++g) o[g][c] += s[g][t] * row;
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      for (int c = 0; c < CB; ++c) *reinterpret_cast<vfu*>(acc + g * D + (c0 + c) * kLanes) = o[g][c];
+    }
   }
 }
 
 // One page of n fp32 rows into the online softmax of all G heads (state acc [G, D], m, l [G]),
-// in chunks of heads whose V accumulators fit the 32 vector registers; the page stays in L1.
+// up to 4 heads per pass over the page (their V accumulators in column blocks, see above).
 template <int D>
 inline void attend_rows(const float* __restrict__ qf, int G, const float* kp, int64_t ks, const float* vp,
                         int64_t vs, int n, float* __restrict__ acc, float* __restrict__ m, float* __restrict__ l) {
-#ifdef __AVX512F__
-  constexpr int kMaxChunk = D >= 128 ? 2 : 4;
-#else  // 16 ymm registers: one head's V accumulators at D = 64
-  constexpr int kMaxChunk = D <= 32 ? 2 : 1;
-#endif
+  constexpr int kMaxChunk = 4;
   for (int g0 = 0; g0 < G;) {
     const int gb = std::min(kMaxChunk, G - g0);
     const float* q = qf + g0 * D;

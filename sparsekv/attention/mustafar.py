@@ -204,20 +204,18 @@ def merge_window(q: torch.Tensor, o_c: torch.Tensor, lse_c: torch.Tensor, o_w: t
 
 @register
 class MustafarTriton(MustafarBackend):
-    """Compressed tokens through the register-decompressing kernel, the window through the
-    paged-decode kernel over the staging rows, merged by log-sum-exp."""
+    """Compressed tokens (all, or each KV head's listed pages) through the register-decompressing
+    kernel, the window through the paged-decode kernel over the staging rows, merged by log-sum-exp."""
 
     device = "cuda"
 
     def decode(self, q: torch.Tensor, kv: CompressedLayerKV, g: BatchGroup, step: MustafarStep,
                scale: float, page_lists: torch.Tensor | None = None) -> torch.Tensor:
-        if page_lists is not None:
-            raise ValueError("page selection over the compressed cache has no CUDA kernel yet")
         from sparsekv.attention.kernels.compressed_decode import compressed_decode
         from sparsekv.attention.kernels.decode import paged_decode
 
         nc, win = window_tables(kv, g, step)
         o_c, lse_c = compressed_decode(q, kv.kc, kv.kb, kv.vc, kv.vb, g.block_table, nc, g.query_start, scale,
-                                       max(step.num_compressed))
+                                       max(step.num_compressed), page_lists)
         o_w, lse_w = paged_decode(q, kv, win, scale, return_lse=True)
         return merge_window(q, o_c, lse_c, o_w, lse_w, g.query_start)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sparsekv.attention.backend import Plan, register
-from sparsekv.attention.mustafar import MustafarBackend, MustafarStep
+from sparsekv.attention.mustafar import MustafarBackend, MustafarStep, MustafarTriton
 from sparsekv.attention.page_select import pad_stack, pool_ratio, select_pages
 from sparsekv.attention.quest import QuestParams, seq_page_bounds
 from sparsekv.cache.compressed import CompressedLayerKV, MustafarLayout
@@ -51,8 +51,15 @@ class MustafarQuestBackend(MustafarBackend):
         lists = [torch.arange(n).expand(hkv, -1) for n in pool_pages]
         for i, row in zip(active, chosen):
             lists[i] = row
-        lists_t = pad_stack(lists, -1).to(torch.int32)
+        lists_t = pad_stack(lists, -1).to(q.device, torch.int32)
         compressed = (lists_t >= 0).sum((1, 2)).double() * ps * (hq // hkv)
         window = torch.tensor([n - c for n, c in zip(g.seq_lens_cpu, step.num_compressed)], dtype=torch.float64)
         plan.attended += (compressed + window * hq).to(plan.attended.device)
         return lists_t
+
+
+@register
+class MustafarQuestTriton(MustafarQuestBackend, MustafarTriton):
+    """The same selection, read through the Triton kernel's page lists."""
+
+    device = "cuda"

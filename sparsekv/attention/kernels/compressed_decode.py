@@ -6,7 +6,8 @@ its bit; a kept channel's value sits at the popcount of the lower bits, a cumsum
 bits) into a dense [BLOCK_N, D] tile once per KV head, and
 serves the G query heads of its GQA group from it with tl.dot, under an online softmax. Each
 split writes its normalised output and log-sum-exp, which the backend merges with the dense
-local window's (computed by the paged-decode kernel). Operands are fp32 before tl.dot, as
+local window's (computed by the paged-decode kernel). With page lists (Quest's selection per KV
+head) a program walks its head's listed logical pages instead of every compressed one. Operands are fp32 before tl.dot, as
 in the other kernels (the interpreter mishandles 16-bit dots).
 """
 from __future__ import annotations
@@ -33,11 +34,11 @@ def _decompress(VAL, BITS, vbase, bbase, d, emask):
 
 @triton.jit
 def _compressed_decode_kernel(
-        Q, KC, KB, VC, VB, BT, NC, QROW, O, LSE,
-        sq_s, sq_h, sk_p, sk_h, sk_t, skb_p, skb_h, skb_t, sv_p, sv_h, sv_t, svb_p, svb_h, svb_t,
+        Q, KC, KB, VC, VB, BT, NC, QROW, PL, O, LSE,
+        sq_s, sq_h, spl_s, spl_h, spl_n, list_len, sk_p, sk_h, sk_t, skb_p, skb_h, skb_t, sv_p, sv_h, sv_t, svb_p, svb_h, svb_t,
         sbt, so_s, so_h, so_x, sl_s, sl_h, per_split, scale,
         G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_LIST: tl.constexpr):
     sid, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nc = tl.load(NC + sid)
     qrow = tl.load(QROW + sid)
@@ -51,10 +52,16 @@ def _compressed_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     start = split * per_split
-    end = tl.minimum(nc, start + per_split)
-    for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tmask = t < end
+    end = tl.minimum(list_len * PS if HAS_LIST else nc, start + per_split)
+    for j0 in range(start, end, BLOCK_N):  # j: the token's index in the (listed or whole) page run
+        j = j0 + tl.arange(0, BLOCK_N)
+        if HAS_LIST:
+            lp = tl.load(PL + sid * spl_s + h * spl_h + (j // PS) * spl_n, mask=j < end, other=-1)
+            t = lp * PS + j % PS
+            tmask = (j < end) & (lp >= 0) & (t < nc)
+        else:
+            t = j
+            tmask = j < end
         phys = tl.load(BT + sid * sbt + t // PS, mask=tmask, other=0).to(tl.int64)
         emask = tmask[:, None] & dmask[None, :]
         kd = _decompress(KC, KB, phys * sk_p + h * sk_h + (t % PS) * sk_t,
@@ -72,26 +79,34 @@ def _compressed_decode_kernel(
 
 def compressed_decode(q: torch.Tensor, kc: torch.Tensor, kb: torch.Tensor, vc: torch.Tensor, vb: torch.Tensor,
                       block_table: torch.Tensor, num_compressed: torch.Tensor, query_start: torch.Tensor,
-                      scale: float, max_compressed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, max_compressed: int,
+                      page_lists: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split partials of one query per sequence over its first num_compressed[i] tokens.
 
     q [rows, Hq, D]; kc/vc [num_pages, Hkv, ps, keep] values and kb/vb uint8 [num_pages, Hkv,
     ps, D // 8] channel bitmaps (any page and head strides, records contiguous); block_table
-    int32 [n, max_pages]; num_compressed, query_start int32 [n]. Returns fp32 out [n, Hq, S, D]
-    and lse [n, Hq, S] (-inf: empty split).
+    int32 [n, max_pages]; num_compressed, query_start int32 [n]; page_lists int32 [n, Hkv, L] of
+    logical compressed pages, -1 padded (any strides, e.g. expanded over Hkv), or None for all.
+    Returns fp32 out [n, Hq, S, D] and lse [n, Hq, S] (-inf: empty split).
     """
     n, (_, hq, d) = block_table.shape[0], q.shape
     hkv, ps = kc.shape[1], kc.shape[2]
+    if page_lists is not None:
+        max_compressed = min(max_compressed, page_lists.shape[2] * ps)
+        pl = page_lists.to(torch.int32)
+        pl_strides = pl.stride()
+    else:
+        pl, pl_strides = num_compressed, (0, 0, 0)  # unread: HAS_LIST is off
     want = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n * hkv), triton.cdiv(max(max_compressed, 1), BLOCK_N)))
     per_split = triton.cdiv(triton.cdiv(max(max_compressed, 1), want), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(max(max_compressed, 1), per_split)
     o = torch.zeros(n, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, hq, splits, dtype=torch.float32, device=q.device)
     _compressed_decode_kernel[(n, hkv, splits)](
-        q, kc, kb, vc, vb, block_table, num_compressed, query_start, o, lse,
-        q.stride(0), q.stride(1), *kc.stride()[:3], *kb.stride()[:3], *vc.stride()[:3], *vb.stride()[:3],
+        q, kc, kb, vc, vb, block_table, num_compressed, query_start, pl, o, lse,
+        q.stride(0), q.stride(1), *pl_strides, 0 if page_lists is None else page_lists.shape[2], *kc.stride()[:3], *kb.stride()[:3], *vc.stride()[:3], *vb.stride()[:3],
         block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         per_split, scale, G=hq // hkv, D=d, PS=ps,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_N=BLOCK_N, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        BLOCK_N=BLOCK_N, PREC="ieee" if q.dtype == torch.float32 else "tf32", HAS_LIST=page_lists is not None)
     return o, lse

@@ -123,19 +123,19 @@ class SparsityConfig(BaseModel):
     def _check_mustafar(self) -> None:
         """Mustafar is chosen by kv.prune (it changes the storage), never as a phase method. Over
         its compressed cache prefill is dense, and decode reads every compressed token or, with
-        Quest, each KV head's best compressed pages (attention/mustafar_quest.py)."""
+        Quest or DELTA, the best compressed pages (attention/mustafar_quest.py, mustafar_delta.py)."""
         if {"mustafar", "mustafar_quest"} & {self.prefill.method, self.decode.method}:
             raise ValueError('mustafar is a KV-cache format: set kv.prune = "mustafar", not an attention method')
         if self.kv.prune == "mustafar":
             if self.kv.sparsity is not None and self.kv.sparsity >= 1.0:
                 raise ValueError("kv.sparsity must be below 1 for mustafar (every token keeps an element)")
-            if self.prefill.method != "dense" or self.decode.method not in ("dense", "quest"):
-                raise ValueError("kv.prune mustafar runs with dense prefill and a dense or quest decode only "
+            if self.prefill.method != "dense" or self.decode.method not in ("dense", "quest", "delta"):
+                raise ValueError("kv.prune mustafar runs with dense prefill and a dense, quest or delta decode only "
                                  f"(got prefill {self.prefill.method!r}, decode {self.decode.method!r})")
-            if self.decode.method == "quest":
+            if self.decode.method != "dense":
                 budget, page = self.decode.params("decode").budget, self.decode.params("decode").page_size
                 if budget < self.kv.local_window + self.kv.compress_chunk + page:
-                    raise ValueError(f"quest over mustafar: budget {budget} must exceed kv.local_window + "
+                    raise ValueError(f"{self.decode.method} over mustafar: budget {budget} must exceed kv.local_window + "
                                      f"kv.compress_chunk ({self.kv.local_window} + {self.kv.compress_chunk}, the "
                                      f"dense window it always reads) by at least one page of {page}")
 

@@ -35,24 +35,28 @@ def test_triton_decode_matches_pytorch(d, hq, hkv, k_keep, v_keep, monkeypatch):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
-def test_triton_page_lists_match_pytorch(monkeypatch):
-    """Quest over the compressed cache: each KV head's listed pages through the Triton kernel
-    equal the PyTorch path's (one request past the budget, one within it, one with no pages)."""
+@pytest.mark.parametrize("backend", ["mustafar_quest", "mustafar_delta"])
+def test_triton_page_lists_match_pytorch(backend, monkeypatch):
+    """Quest / DELTA over the compressed cache: the listed pages (per KV head for Quest) through
+    the Triton kernel equal the PyTorch path's (one request past the budget, one within it, one
+    with no compressed pages)."""
+    from sparsekv.attention.delta import DeltaParams
     from sparsekv.attention.kernels import cpu_compressed
     from sparsekv.attention.quest import QuestParams
     from sparsekv.cache.kv_cache import PAGE_BOUNDS
 
     monkeypatch.setattr(cpu_compressed, "available", lambda: False)
     layout = MustafarLayout(6, 5, local_window=8, compress_chunk=16)
-    params = QuestParams(page_size=8, budget=48)  # 3 compressed pages of 8 beside the window
+    params = (QuestParams(page_size=8, budget=48) if backend == "mustafar_quest"  # 3 compressed pages of 8
+              else DeltaParams(delta_layers=(0,), page_size=8, budget=48, recent_pages=2))
     outs, attended = [], []
     for device in ("cpu", "cuda"):
-        drv = Driver(layout, hq=4, hkv=2, d=32, layers=1, num_pages=128, num_rows=64)
+        drv = Driver(layout, hq=4, hkv=2, d=32, layers=2, num_pages=128, num_rows=64)
         drv.cache.ensure(PAGE_BOUNDS)
         drv.step({0: drv.stream(150), 1: drv.stream(30), 2: drv.stream(9)})
         q = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(2))
-        outs.append(drv.step({s: drv.stream(1) for s in (0, 1, 2)}, "decode", q=q, device=device,
-                             backend="mustafar_quest", params=params)[0])
+        outs.append(torch.stack(drv.step({s: drv.stream(1) for s in (0, 1, 2)}, "decode", q=q, device=device,
+                                         backend=backend, params=params)))
         attended.append(drv.last_plan.attended.tolist())
     assert layout.compressed_len(150) // 8 > 3  # request 0 reads a selection, not every page
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)

@@ -50,6 +50,16 @@ def default_delta_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(2, num_layers, 8))
 
 
+def page_mass(probs: torch.Tensor, page_size: int, head_reduce: str) -> torch.Tensor:
+    """probs [Hkv, G, L] -> [1 or Hkv, pages]: per page, the sum over its tokens of the token's
+    largest probability over the (all, or the KV group's) heads."""
+    tok = probs.amax(1) if head_reduce == "group" else probs.flatten(0, 1).amax(0, keepdim=True)
+    pad = -tok.shape[-1] % page_size
+    if pad:
+        tok = torch.nn.functional.pad(tok, (0, pad))
+    return tok.view(tok.shape[0], -1, page_size).sum(-1)
+
+
 @dataclass(eq=False)
 class DeltaPlan(Plan):
     delta_layers: tuple[int, ...]
@@ -93,7 +103,7 @@ class DeltaBackend(AttentionBackend):
             segs = kv_segments(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], g.page_runs[i])
             if i in active:
                 out[i], probs = decode_segments(q[i], segs, plan.scale, return_probs=True)
-                scores.append(self._page_mass(probs, kv.page_size))
+                scores.append(page_mass(probs, kv.page_size, self.params.head_reduce))
             else:
                 out[i] = decode_segments(q[i], segs, plan.scale)
         return out, pad_stack(scores, 0.0) if scores else None
@@ -109,15 +119,6 @@ class DeltaBackend(AttentionBackend):
                                    p.budget // p.page_size, p.recent_pages, p.tie_break)
             plan.selection = (layer, sel)
         return out
-
-    def _page_mass(self, probs: torch.Tensor, page_size: int) -> torch.Tensor:
-        """probs [Hkv, G, L] -> [1 or Hkv, pool pages]: per page, the sum over its tokens of the
-        token's largest probability over the (all or the group's) heads."""
-        tok = probs.amax(1) if self.params.head_reduce == "group" else probs.flatten(0, 1).amax(0, keepdim=True)
-        pad = -tok.shape[-1] % page_size
-        if pad:
-            tok = torch.nn.functional.pad(tok, (0, pad))
-        return tok.view(tok.shape[0], -1, page_size).sum(-1)
 
 
 @register

@@ -24,6 +24,7 @@ from sparsekv.ffn.thresholds import find_thresholds
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MUSTAFAR = ("mustafar", BackendParams())
+OVER_COMPRESSED = {"quest": "mustafar_quest", "delta": "mustafar_delta"}  # selectors over a compressed pool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,8 +140,8 @@ class ModelRunner:
         if hit is not None and hit[0] is sp:
             return hit[1]
         n = self.model.args.num_layers
-        if self.layout is not None:  # the pool is compressed in every layer: Quest selects within it
-            routes = [("mustafar_quest", params) if method == "quest" else MUSTAFAR
+        if self.layout is not None:  # the pool is compressed in every layer: Quest / DELTA select within it
+            routes = [(OVER_COMPRESSED[method], params) if method in OVER_COMPRESSED else MUSTAFAR
                       for method, params in sp.layer_routes(phase, context_len, n)]
         else:
             routes = sp.layer_routes(phase, context_len, n)
@@ -159,7 +160,7 @@ class ModelRunner:
         if bad:
             raise ValueError(f"dense_layers {bad} are not layers of this {n}-layer model")
         for phase, spec in (("prefill", sp.prefill), ("decode", sp.decode)):
-            backend_class(spec.method if self.layout is None or spec.method != "quest" else "mustafar_quest",
+            backend_class(OVER_COMPRESSED.get(spec.method, spec.method) if self.layout else spec.method,
                           self.device.type)
             spec.params(phase).check_model(self.shape)
         if sp.ffn.method != "none":

@@ -107,3 +107,30 @@ def test_coarser_pages_and_validation():
         case.run(backend("quest", budget=96, page_size=24), layer=2)
     with pytest.raises(ValueError, match="3 pages"):
         QuestParams(budget=32)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_compiled_selection_equals_pytorch(page_size):
+    """The compiled CPU op (bounds, grouping, forced last page, top-k, lists) picks the pages of
+    the PyTorch rule and counts the tokens they hold; the step's output is attention over them
+    (and dense for the request within the budget)."""
+    from sparsekv.attention.kernels import cpu_decode
+    from sparsekv.attention.page_select import token_mask
+
+    if not cpu_decode.available():
+        pytest.skip("no compiler for the CPU kernels here")
+    case = make_case([700, 100, 1000, 333, 2000], d=32, seed=6)  # d 32: a head dim the kernels compile
+    be = backend("quest", budget=128, page_size=page_size)
+    plan = case.plan(be)
+    lists, tokens = be.choose(case.q, case.kv, plan)
+    want = be.ranked(case.q, case.kv, plan)
+    assert lists.dtype == torch.int32 and torch.equal(lists.long(), want)
+    lens = torch.tensor([case.lens[i] for i in plan.active])
+    assert tokens.tolist() == token_mask(want, 16, lens).sum((1, 2)).tolist()
+    out, plan = case.run(be, layer=2)
+    ref, pairs = attend_pages(case.q[plan.active], case.kv, [case.tables[i] for i in plan.active], lens, want,
+                              case.scale)
+    torch.testing.assert_close(out[plan.active], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], dense_out(case)[1], rtol=1e-6, atol=1e-6)
+    assert attended(plan) == [pairs.tolist()[plan.active.index(i)] if i in plan.active else 100 * 4
+                              for i in range(5)]

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from decode_cases import attended, backend, dense_out, keys, make_case  # noqa: E402
 
+from sparsekv.attention.delta import page_mass  # noqa: E402
 from sparsekv.attention.kernels.decode import paged_decode  # noqa: E402
 from sparsekv.attention.kernels.page_score import delta_page_scores, quest_page_scores  # noqa: E402
 from sparsekv.attention.page_select import attend_pages  # noqa: E402
@@ -96,11 +97,10 @@ def test_delta_scores_match_pytorch(per_group):
     group = case.plan(backend("dense")).group
     _, lse = paged_decode(case.q, case.kv, group, case.scale, return_lse=True)
     scores = delta_page_scores(case.q, case.kv, group, case.scale, lse, per_group)
-    be = backend("delta", head_reduce="group" if per_group else "all")
     for i, n in enumerate(LENS):
         k = keys(case, i)
         probs = torch.softmax(case.q[i].view(2, 2, -1) @ k.transpose(1, 2) * case.scale, -1)
-        ref = be._page_mass(probs, 16)
+        ref = page_mass(probs, 16, "group" if per_group else "all")
         torch.testing.assert_close(scores[i, :, :ref.shape[1]], ref, rtol=1e-5, atol=1e-6)
         assert (scores[i, :, ref.shape[1]:] == 0).all()
 

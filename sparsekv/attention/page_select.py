@@ -101,26 +101,38 @@ def decode_pages(q: torch.Tensor, kv: LayerKV, plan: Plan, pages: list[torch.Ten
     """Decode attention where request i attends `pages[i]` ([Hkv, n] logical page ids) or, with
     None, its whole context through the dense path (so a full budget is bit-for-bit dense).
     Adds each request's attended pairs to plan.attended."""
-    g, hq = plan.group, q.shape[1]
     if all(p is None for p in pages):
         plan.attended += plan.dense_pairs
-        return dense_decode(q, kv, g, plan.scale)
-    out = torch.empty_like(q)
-    dense_rows = [i for i, p in enumerate(pages) if p is None]
-    if dense_rows:
+        return dense_decode(q, kv, plan.group, plan.scale)
+    rows = [i for i, p in enumerate(pages) if p is not None]
+    return decode_lists(q, kv, plan, rows, pad_stack([pages[i] for i in rows], -1))
+
+
+def decode_lists(q: torch.Tensor, kv: LayerKV, plan: Plan, rows: list[int], lists: torch.Tensor,
+                 tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention where requests `rows` attend their page lists [len(rows), Hkv, n] (which
+    hold `tokens` real tokens each, summed over KV heads; counted here if not given) and the
+    others their whole context; adds the attended pairs to plan.attended."""
+    g, hq, hkv = plan.group, q.shape[1], kv.k.shape[1]
+    lens = g.seq_lens[rows].long()
+    if tokens is None:
+        tokens = token_mask(lists, kv.page_size, lens).sum((1, 2))
+    every = len(rows) == g.num_reqs
+    out = None if every else torch.empty_like(q)
+    if not every:
+        dense_rows = [i for i in range(g.num_reqs) if i not in set(rows)]
         out[dense_rows] = dense_decode(q, kv, g, plan.scale, dense_rows)
         plan.attended[dense_rows] += plan.dense_pairs[dense_rows]
-    rows = [i for i, p in enumerate(pages) if p is not None]
-    lists = pad_stack([pages[i] for i in rows], -1)
-    lens = g.seq_lens[rows].long()
+    qs = q if every else q[rows]
     if cpu_decode.available() and cpu_decode.supports(q):
-        out[rows] = cpu_decode.paged_decode_cpu(q[rows], kv.k, kv.v, g.block_table[rows], g.seq_lens[rows],
-                                                plan.scale, page_lists=lists.to(torch.int32))
-        attended = token_mask(lists, kv.page_size, lens).sum((1, 2)) * (hq // kv.k.shape[1])
+        bt, sl = (g.block_table, g.seq_lens) if every else (g.block_table[rows], g.seq_lens[rows])
+        sel = cpu_decode.paged_decode_cpu(qs, kv.k, kv.v, bt, sl, plan.scale, page_lists=lists.to(torch.int32))
     else:
-        out[rows], attended = attend_pages(q[rows], kv, [g.block_tables_cpu[i] for i in rows], lens, lists,
-                                           plan.scale)
-    plan.attended[rows] += attended.to(torch.float64)
+        sel, _ = attend_pages(qs, kv, [g.block_tables_cpu[i] for i in rows], lens, lists, plan.scale)
+    plan.attended[rows] += tokens.to(torch.float64) * (hq // hkv)
+    if every:
+        return sel
+    out[rows] = sel
     return out
 
 

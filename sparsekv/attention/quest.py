@@ -14,7 +14,9 @@ from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
 from sparsekv.attention.metadata import BatchGroup
-from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, pad_stack, past_budget, pool_ratio,
+from sparsekv.attention.dense import dense_decode
+from sparsekv.attention.kernels import cpu_decode
+from sparsekv.attention.page_select import (decode_lists, decode_pages_triton, pad_stack, past_budget, pool_ratio,
                                             select_pages)
 from sparsekv.cache.kv_cache import PAGE_BOUNDS, LayerKV
 
@@ -72,11 +74,25 @@ class QuestBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: QuestPlan) -> torch.Tensor:
         with torch.profiler.record_function("quest.select"):  # the range `bench attention` reports
-            pages = self.select(q, kv, plan)
-        return self.attend(q, kv, plan, pages)
+            chosen = self.choose(q, kv, plan) if plan.active else None
+        return self.attend(q, kv, plan, chosen)
 
-    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan, pages: list) -> torch.Tensor:
-        return decode_pages(q, kv, plan, pages)
+    def choose(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Page lists [active, Hkv, n] of the requests past the budget, and the tokens they hold
+        (None: counted where attended). On CPU one compiled op scores and picks."""
+        p = self.params
+        ratio, keep = pool_ratio(p.page_size, kv.page_size), p.budget // p.page_size
+        if cpu_decode.available() and cpu_decode.supports(q):
+            g, rows = plan.group, plan.active
+            return cpu_decode.quest_select_cpu(q[rows], kv.kmin, kv.kmax, g.block_table[rows], g.seq_lens[rows],
+                                               kv.page_size, ratio, keep, recent=1)
+        return self.ranked(q, kv, plan), None
+
+    def ranked(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
+        """The selection from `scores` (the PyTorch form; the compiled op applies the same rule)."""
+        p = self.params
+        return select_pages(self.scores(q, kv, plan), plan.pool_pages, pool_ratio(p.page_size, kv.page_size), "max",
+                            p.budget // p.page_size, recent=1, tie_break=0.0)
 
     def scores(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
         """[active, Hkv, pages] upper bounds, -inf padded."""
@@ -86,25 +102,35 @@ class QuestBackend(AttentionBackend):
 
     def select(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> list[torch.Tensor | None]:
         """Per request, the logical page ids [Hkv, n] to attend, or None (dense) within the budget."""
-        p = self.params
         pages: list[torch.Tensor | None] = [None] * plan.group.num_reqs
-        if not plan.active:
-            return pages
-        sel = select_pages(self.scores(q, kv, plan), plan.pool_pages, pool_ratio(p.page_size, kv.page_size), "max",
-                           p.budget // p.page_size, recent=1, tie_break=0.0)
-        for i, row in zip(plan.active, sel):
-            pages[i] = row
+        if plan.active:
+            for i, row in zip(plan.active, self.choose(q, kv, plan)[0]):
+                pages[i] = row
         return pages
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan,
+               chosen: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+        if chosen is None:  # every request within the budget
+            plan.attended += plan.dense_pairs
+            return dense_decode(q, kv, plan.group, plan.scale)
+        return decode_lists(q, kv, plan, plan.active, *chosen)
 
 
 @register
 class QuestTriton(QuestBackend):
     device = "cuda"
 
+    def choose(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> tuple[torch.Tensor, None]:
+        return self.ranked(q, kv, plan), None
+
     def scores(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan) -> torch.Tensor:
         from sparsekv.attention.kernels.page_score import quest_page_scores
 
         return quest_page_scores(q, kv, plan.group)[plan.active]
 
-    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan, pages: list) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv: LayerKV, plan: QuestPlan,
+               chosen: tuple[torch.Tensor, None] | None) -> torch.Tensor:
+        pages: list[torch.Tensor | None] = [None] * plan.group.num_reqs
+        for i, row in zip(plan.active, chosen[0] if chosen is not None else ()):
+            pages[i] = row
         return decode_pages_triton(q, kv, plan, pages)

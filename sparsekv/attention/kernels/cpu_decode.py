@@ -46,3 +46,17 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
         row_lens = row_lens.to(torch.int32).contiguous()
     out, lse = lib.paged_decode(q, k, v, block_table, seq_lens, page_lists, row_lens, float(scale), return_lse)
     return (out, lse) if return_lse else out
+
+
+def quest_select_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, page_size: int, ratio: int, budget: int,
+                     recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's selection for sequences past the budget (csrc/quest_select.cpp): q [B, Hq, D]
+    against the page bounds kmin/kmax [num_pages, Hkv, D] of their pages; the `budget` best
+    selection pages of `ratio` pool pages each (the last `recent` forced). Returns page lists
+    int32 [B, Hkv, budget * ratio] of logical pool pages (-1 past the context) and the tokens
+    they hold per sequence, summed over KV heads."""
+    lists, tokens = ops().quest_select(q if q.stride(-1) == 1 else q.contiguous(), kmin, kmax,
+                                       block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+                                       page_size, ratio, budget, recent)
+    return lists, tokens

@@ -213,6 +213,17 @@ def test_chunks_go_through_every_method_in_turn(count, tmp_path):
                           ("dense", 2), ("dense", 3), ("alt", 2), ("alt", 3)]
 
 
+def test_methods_that_prefill_alike_run_next_to_each_other(count, tmp_path):
+    """A sparse prefill between dense and a decode-only method would push dense's prompt pages
+    out of the prefix cache: decode-only methods run right after dense; records keep the order asked."""
+    fake = FakeRunner()
+    methods = {m: preset(m) for m in ("dense", "xattention", "quest")}
+    records = runner.evaluate(fake, _samples(count), methods, runner.Store(tmp_path / "samples.jsonl"),
+                              progress=False, chunk=4)
+    assert [m for m, _ in fake.calls] == ["dense"] * 4 + ["quest"] * 4 + ["xattention"] * 4
+    assert [r["method"] for r in records] == ["dense"] * 4 + ["xattention"] * 4 + ["quest"] * 4
+
+
 def test_failures_count_as_zero_and_are_reported(count, tmp_path):
     records = runner.evaluate(FakeRunner(fail={0, 2}), _samples(count), {"dense": preset("dense")},
                               runner.Store(tmp_path / "samples.jsonl"), progress=False)

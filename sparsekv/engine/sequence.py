@@ -18,6 +18,14 @@ class SequenceStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
+def prefill_salt(sparsity: SparsityConfig) -> str:
+    """What a prompt page's K/V depend on, so requests share prompt pages only where it matches:
+    how prefill attended (sparse layers change later layers' K/V) and the KV format; eviction
+    runs after the prompt's dense K/V are stored, so it does not change them."""
+    return sparsity.model_dump_json(include={"prefill", "kv", "dense_layers", "min_context"},
+                                    exclude={"kv": {"evict", "budget", "evict_params"}})
+
+
 @dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -47,10 +55,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
-        # prompt pages' K/V depend on how prefill attended (sparse layers change later layers' K/V)
-        # eviction runs after the prompt's dense K/V are stored, so it does not change them
-        self.cache_salt = hash(self.sparsity.model_dump_json(include={"prefill", "kv", "dense_layers", "min_context"},
-                                                             exclude={"kv": {"evict", "budget", "evict_params"}}))
+        self.cache_salt = hash(prefill_salt(self.sparsity))
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
         if self.params.logprobs is not None:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sparsekv.config import SparsityConfig
 from sparsekv.engine.sampling_params import SamplingParams
+from sparsekv.engine.sequence import prefill_salt
 from sparsekv.eval.scoring import score
 from sparsekv.eval.tasks import Sample
 
@@ -107,9 +108,12 @@ def record(sample: Sample, method: str, fp: str, result: Result) -> dict:
 def evaluate(runner: Runner, samples: list[Sample], methods: dict[str, SparsityConfig], store: Store,
              progress: bool = True, chunk: int = 16) -> list[dict]:
     """Every (sample, method) not already finished in the store; returns the records of all of them.
-    Samples go `chunk` at a time through every method before the next chunk: the chunk's prompts
-    are still in the prefix cache when a decode-side method follows dense, so it reuses dense's
-    prompt pages (same K/V) instead of recomputing them, and a cut-short run leaves whole cells."""
+    Samples go `chunk` at a time through every method before the next chunk, methods that prefill
+    alike next to each other: the chunk's prompts are still in the prefix cache when a decode-side
+    method follows dense, so it reuses dense's prompt pages (same K/V) instead of recomputing them
+    (a sparse prefill in between would have pushed them out), and a cut-short run leaves whole cells."""
+    salts = [prefill_salt(cfg) for cfg in methods.values()]
+    order = sorted(methods, key=lambda m: salts.index(prefill_salt(methods[m])))
     todo = {m: [s for s in samples if not store.finished(key(s, m), fingerprint(s, cfg, runner.model_name))]
             for m, cfg in methods.items()}
     total = sum(len(v) for v in todo.values())
@@ -119,7 +123,8 @@ def evaluate(runner: Runner, samples: list[Sample], methods: dict[str, SparsityC
     with tqdm(total=total, desc="eval", unit="sample", disable=not progress) as bar:
         for start in range(0, len(samples), chunk):
             part = {id(s) for s in samples[start:start + chunk]}
-            for method, cfg in methods.items():
+            for method in order:
+                cfg = methods[method]
                 pending = [s for s in todo[method] if id(s) in part]
                 bar.set_postfix_str(method)
 

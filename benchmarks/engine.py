@@ -8,8 +8,9 @@ bandwidth, and its FLOPs (2 per weight per row, 4 per head dimension per attende
 throughput of a large matrix product; each measured before and after each row (the higher
 reading, so a neighbour's load never makes the limit look easy). `bound` says which roof it is.
 Prefill: one real prompt through each. Medians of --repeats; writes results/engine.json + .png.
+With --methods each sparse preset's decode step is timed on the same filled cache right after dense's.
 
-    python benchmarks/engine.py [--model PATH] [--contexts 4096,16384] [--batches 1,16]
+    python benchmarks/engine.py [--model PATH] [--contexts 4096,16384] [--batches 1,16] [--methods quest,delta]
 """
 from __future__ import annotations
 
@@ -42,8 +43,11 @@ def sparsekv_engine(model: str, dtype: str, batch: int, context: int, steps: int
                                   max_num_seqs=batch, kv_cache_memory=pages * per_page, enable_prefix_caching=False))
 
 
-def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int, repeats: int) -> dict:
-    """Seconds per decode step of the engine, batch sequences of `context` cached tokens."""
+def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int, repeats: int,
+                    method: str = "dense") -> dict:
+    """Seconds per decode step of the engine, batch sequences of `context` cached tokens, each
+    request under the sparsity preset `method`."""
+    from sparsekv.config import preset
     from sparsekv.engine.sampling_params import SamplingParams
     from sparsekv.engine.sequence import Sequence, SequenceStatus
 
@@ -51,11 +55,13 @@ def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int
     for kv in engine.runner.kv_cache.layers:
         kv.k.normal_(0, 1)
         kv.v.normal_(0, 1)
+    sparsity = engine.config.sparsity if method == "dense" else preset(method)
+    engine.runner.check_sparsity(sparsity)  # side tables (Quest's page bounds) made now, from the filled keys
     params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for i in range(batch):  # as if prefilled: pages allocated, all prompt tokens computed
         ids = torch.randint(100, 1000, (context,), generator=g).tolist()
-        seq = Sequence(str(i), 0, ids, params, engine.config.sparsity)
+        seq = Sequence(str(i), 0, ids, params, sparsity)
         assert engine.block_manager.allocate(seq, context)
         seq.num_computed_tokens = context
         seq.token_ids.append(ids[-1])
@@ -171,6 +177,7 @@ def main() -> None:
     p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills of each after a warm-up")
     p.add_argument("--output", default=str(RESULTS / "engine.json"))
     p.add_argument("--only-prefill", action="store_true", help="keep the decode rows of an earlier --output")
+    p.add_argument("--methods", default="", help="sparse presets whose decode step is timed beside dense's, e.g. quest,delta")
     args = p.parse_args()
     args.model = args.model or default_model()
     dtype = getattr(torch, args.dtype)
@@ -204,6 +211,9 @@ def main() -> None:
                    "sparsekv_tok_s": ours["tok_s"],
                    "transformers_tok_s": theirs["tok_s"], "limit_tok_s": b / limit,
                    "sparsekv_vs_limit": ours["step_s"] / limit, "sparsekv_vs_transformers": theirs["step_s"] / ours["step_s"]}
+            for m in [x for x in args.methods.split(",") if x]:  # after dense's, in the same run
+                sparse = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats, m)
+                row.setdefault("methods", {})[m] = {"tok_s": sparse["tok_s"], "vs_dense": ours["step_s"] / sparse["step_s"]}
             result["rows"].append(row)
             print(json.dumps(row))
             Path(args.output).write_text(json.dumps(result, indent=2))

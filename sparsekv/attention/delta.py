@@ -38,6 +38,10 @@ class DeltaParams(BackendParams):
                              f"({self.recent_pages}) pages of {self.page_size} tokens")
         return self
 
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        """The Δ-layers: as given, else default_delta_layers."""
+        return tuple(default_delta_layers(num_layers) if self.delta_layers is None else self.delta_layers)
+
     def check_model(self, shape: AttnShape) -> None:
         bad = [x for x in self.delta_layers or () if not 0 <= x < shape.num_layers]
         if bad:
@@ -76,10 +80,8 @@ class DeltaBackend(AttentionBackend):
 
     def plan(self, group: BatchGroup, shape: AttnShape) -> DeltaPlan:
         base = super().plan(group, shape)
-        p = self.params
-        layers = p.delta_layers if p.delta_layers is not None else default_delta_layers(shape.num_layers)
-        return DeltaPlan(base.group, shape, base.attended, tuple(layers),
-                         *past_budget(group, p.budget, base.attended.device))
+        return DeltaPlan(base.group, shape, base.attended, self.params.layers(shape.num_layers),
+                         *past_budget(group, self.params.budget, base.attended.device))
 
     def forward(self, q: torch.Tensor, kv: LayerKV, layer: int, plan: DeltaPlan) -> torch.Tensor:
         if layer in plan.delta_layers:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsekv.attention.backend import AttnShape, Plan, register
-from sparsekv.attention.delta import DeltaParams, default_delta_layers, page_mass
+from sparsekv.attention.delta import DeltaParams, page_mass
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.mustafar import MustafarBackend, MustafarStep, MustafarTriton, request_kv, step_of
 from sparsekv.attention.mustafar_quest import past_compressed_budget, read_lists
@@ -39,9 +39,7 @@ class MustafarDeltaBackend(MustafarBackend):
 
     def plan(self, group: BatchGroup, shape: AttnShape) -> MustafarDeltaPlan:
         base = super().plan(group, shape)
-        layers = self.params.delta_layers
-        return MustafarDeltaPlan(base.group, shape, base.attended,
-                                 tuple(default_delta_layers(shape.num_layers) if layers is None else layers))
+        return MustafarDeltaPlan(base.group, shape, base.attended, self.params.layers(shape.num_layers))
 
     def forward(self, q: torch.Tensor, kv: CompressedLayerKV, layer: int, plan: MustafarDeltaPlan) -> torch.Tensor:
         if layer not in plan.delta_layers:

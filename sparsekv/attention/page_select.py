@@ -120,7 +120,8 @@ def decode_lists(q: torch.Tensor, kv: LayerKV, plan: Plan, rows: list[int], list
     every = len(rows) == g.num_reqs
     out = None if every else torch.empty_like(q)
     if not every:
-        dense_rows = [i for i in range(g.num_reqs) if i not in set(rows)]
+        listed = set(rows)
+        dense_rows = [i for i in range(g.num_reqs) if i not in listed]
         out[dense_rows] = dense_decode(q, kv, g, plan.scale, dense_rows)
         plan.attended[dense_rows] += plan.dense_pairs[dense_rows]
     qs = q if every else q[rows]

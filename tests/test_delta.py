@@ -9,7 +9,7 @@ import torch
 from decode_cases import attended, backend, dense_out, keys, make_case, plant_heavy_key
 
 from sparsekv import calibrate
-from sparsekv.attention.delta import DeltaParams, default_delta_layers
+from sparsekv.attention.delta import DeltaParams, default_delta_layers, page_mass
 from sparsekv.attention.page_select import attend_pages
 from sparsekv.config import SparsityConfig
 
@@ -60,8 +60,9 @@ def test_default_layers():
         DeltaParams(budget=128, recent_pages=8)
 
 
-def test_full_budget_is_dense_bit_for_bit_at_every_layer():
-    case = make_case([37, 300, 700])
+@pytest.mark.parametrize("d", [16, 32])  # 32: a head dim the compiled CPU kernels take
+def test_full_budget_is_dense_bit_for_bit_at_every_layer(d):
+    case = make_case([37, 300, 700], d=d)
     outs, attended, _ = run_layers(backend("delta", delta_layers=LAYERS), case, range(2, 8))
     dense = dense_out(case)
     for layer in range(2, 8):
@@ -69,9 +70,10 @@ def test_full_budget_is_dense_bit_for_bit_at_every_layer():
         assert attended[layer] == [n * 4 for n in case.lens]
 
 
+@pytest.mark.parametrize("d", [16, 32])  # 32: the compiled decode and page-mass ops
 @pytest.mark.parametrize("per_group", [False, True])
-def test_selection_matches_reference(per_group):
-    case = make_case([700, 1000, 60], seed=1)
+def test_selection_matches_reference(per_group, d):
+    case = make_case([700, 1000, 60], d=d, seed=1)
     be = backend("delta", delta_layers=LAYERS, budget=128, recent_pages=2,
                  head_reduce="group" if per_group else "all")
     outs, _, plan = run_layers(be, case, [2])
@@ -171,3 +173,23 @@ def test_calibrate_delta(tmp_path):
 def test_calibrate_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         _calibrate(tmp_path, tmp_path, "--method", "bogus")
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_compiled_page_mass_equals_pytorch(per_group):
+    """The compiled page-mass op against delta.page_mass over the softmax of the same keys."""
+    from sparsekv.attention.kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("no compiler for the CPU kernels here")
+    case = make_case([700, 45, 1000], d=32, seed=3)
+    g = case.plan(backend("dense")).group
+    _, lse = cpu_decode.paged_decode_cpu(case.q, case.kv.k, case.kv.v, g.block_table, g.seq_lens, case.scale,
+                                         return_lse=True)
+    mass = cpu_decode.delta_page_mass_cpu(case.q, case.kv.k, g.block_table, g.seq_lens, lse, case.scale, per_group)
+    for i, n in enumerate(case.lens):
+        k = keys(case, i)
+        probs = torch.softmax(case.q[i].view(2, 2, -1) @ k.transpose(1, 2) * case.scale, -1)
+        ref = page_mass(probs, 16, "group" if per_group else "all")
+        torch.testing.assert_close(mass[i, :, :ref.shape[1]], ref, rtol=1e-5, atol=1e-6)
+        assert (mass[i, :, ref.shape[1]:] == 0).all()

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from sparsekv.attention.backend import AttentionBackend, AttnShape, BackendParams, Plan, register
+from sparsekv.attention.kernels import cpu_decode
 from sparsekv.attention.metadata import BatchGroup
 from sparsekv.attention.page_select import (decode_pages, decode_pages_triton, pad_stack, past_budget, pool_ratio,
                                             select_pages)
@@ -98,8 +99,18 @@ class DeltaBackend(AttentionBackend):
         return decode_pages(q, kv, plan, pages)
 
     def dense_and_scores(self, q: torch.Tensor, kv: LayerKV, plan: DeltaPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dense attention for every request and the page mass [active, 1 or Hkv, pages] of those past the budget."""
-        g, out, scores = plan.group, torch.empty_like(q), []
+        """Dense attention for every request and the page mass [active, 1 or Hkv, pages] of those
+        past the budget: the compiled decode (with its log-sum-exp) and page-mass ops where they
+        build, else per request in PyTorch."""
+        g = plan.group
+        if cpu_decode.available() and cpu_decode.supports(q):
+            out, lse = cpu_decode.paged_decode_cpu(q, kv.k, kv.v, g.block_table, g.seq_lens, plan.scale, return_lse=True)
+            if not plan.active:
+                return out, None
+            rows = plan.active
+            return out, cpu_decode.delta_page_mass_cpu(q[rows], kv.k, g.block_table[rows], g.seq_lens[rows], lse[rows],
+                                                       plan.scale, self.params.head_reduce == "group")
+        out, scores = torch.empty_like(q), []
         active = set(plan.active)
         for i in range(g.num_reqs):
             segs = kv_segments(kv, g.block_tables_cpu[i], g.seq_lens_cpu[i], g.page_runs[i])

@@ -51,7 +51,7 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
 def quest_select_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, page_size: int, ratio: int, budget: int,
                      recent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quest's selection for sequences past the budget (csrc/quest_select.cpp): q [B, Hq, D]
+    """Quest's selection for sequences past the budget (csrc/page_scores.cpp): q [B, Hq, D]
     against the page bounds kmin/kmax [num_pages, Hkv, D] of their pages; the `budget` best
     selection pages of `ratio` pool pages each (the last `recent` forced). Returns page lists
     int32 [B, Hkv, budget * ratio] of logical pool pages (-1 past the context) and the tokens
@@ -60,3 +60,14 @@ def quest_select_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
                                        block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
                                        page_size, ratio, budget, recent)
     return lists, tokens
+
+
+def delta_page_mass_cpu(q: torch.Tensor, k: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        lse: torch.Tensor, scale: float, per_group: bool) -> torch.Tensor:
+    """DELTA's page mass (csrc/page_scores.cpp): per page of each sequence the sum over its tokens
+    of the largest softmax probability over the query heads (per KV group with per_group), from
+    q [B, Hq, D], the key pool [num_pages, Hkv, ps, D] and the decode's lse float32 [B, Hq].
+    Returns float32 [B, Hkv or 1, max_pages], 0 past a sequence's pages."""
+    return ops().delta_page_mass(q if q.stride(-1) == 1 else q.contiguous(), k,
+                                 block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+                                 lse.float().contiguous(), float(scale), per_group)

@@ -1,10 +1,14 @@
-// Quest's page selection for a decode step in one call: per (sequence, KV head) the upper bound
+// Page scores for decode-time selection, each a single call per layer (their PyTorch forms took
+// about twenty small ops per layer, more than the attention they saved below ~4K tokens on a
+// 2-core CPU):
+// - quest_select: Quest's page selection for a decode step: per (sequence, KV head) the upper bound
 // of q.k over each page's keys from the element-wise key bounds (max over the GQA group's query
 // heads of sum_d max(q_d kmin_d, q_d kmax_d)), grouped into selection pages of `ratio` pool
 // pages (max), the last `recent` selection pages forced, the `budget` best kept in page order
-// and written out as logical pool pages. The PyTorch form of the same rule (quest.py with
-// page_select.select_pages) took about twenty small ops per layer, more than the attention it
-// saved below ~4K tokens on a 2-core CPU.
+// and written out as logical pool pages (the rule of quest.py with page_select.select_pages).
+// - delta_page_mass: DELTA's page mass at a Δ-layer: per page, the sum over its tokens of the
+// token's largest softmax probability over the query heads (all, or each KV group's), from the
+// keys and the log-sum-exp the dense decode returned (delta.py's page_mass).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -116,7 +120,73 @@ std::vector<at::Tensor> quest_select(const at::Tensor& q, const at::Tensor& kmin
   return {lists, tokens.sum(1)};
 }
 
+// q [B, Hq, D]; k [num_pages, Hkv, page_size, D] (any strides, unit stride over D);
+// block_table int32 [B, max_pages]; seq_lens int32 [B]; lse float32 [B, Hq] of the scaled
+// logits. Returns float32 [B, Hkv if per_group else 1, max_pages] (0 past a sequence's pages).
+at::Tensor delta_page_mass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& lse, double scale, bool per_group) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && q.stride(2) == 1 && k.stride(3) == 1, "q [B, Hq, D], k [pages, Hkv, ps, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && lse.scalar_type() == at::kFloat && lse.is_contiguous(), "dtypes");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 && seq_lens.scalar_type() == at::kInt &&
+              seq_lens.is_contiguous(), "int32 tables");
+  const int64_t B = q.size(0), hq = q.size(1), D = q.size(2), hkv = k.size(1), ps = k.size(2), width = block_table.size(1);
+  TORCH_CHECK(k.size(3) == D && hq % hkv == 0 && block_table.size(0) == B && lse.size(0) == B && lse.size(1) == hq,
+              "shapes");
+  const int64_t G = hq / hkv, rows = per_group ? hkv : 1;
+  at::Tensor out = at::zeros({B, rows, width}, q.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int32_t *bt = block_table.data_ptr<int32_t>(), *lens = seq_lens.data_ptr<int32_t>();
+  const float* ls = lse.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  auto run = [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int Dc = decltype(dim)::value, V = Dc / kLanes;
+    const T* kp = k.data_ptr<T>();
+    at::parallel_for(0, B * width, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(hq * Dc);
+      alignas(64) float kr[Dc];
+      int64_t loaded = -1;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / width, p = i % width, len = lens[b];
+        if (p * ps >= len) continue;
+        if (b != loaded) {
+          load_queries<T, Dc>(q.data_ptr<T>(), q.stride(0), q.stride(1), Item{int32_t(b), 0, 0, 0}, int(hq),
+                              static_cast<float>(scale), qf.data());
+          loaded = b;
+        }
+        const int64_t phys = bt[b * block_table.stride(0) + p], n = std::min<int64_t>(ps, len - p * ps);
+        if (phys < 0 || phys >= k.size(0)) {
+          ok = false;
+          continue;
+        }
+        float* mass = o + b * rows * width + p;
+        for (int64_t t = 0; t < n; ++t) {
+          float top_all = 0.f;
+          for (int64_t h = 0; h < hkv; ++h) {
+            const T* row = kp + phys * k.stride(0) + h * k.stride(1) + t * k.stride(2);
+            for (int d = 0; d < Dc; ++d) kr[d] = widen(row[d]);
+            float top = 0.f;
+            for (int64_t g = 0; g < G; ++g) {
+              vf acc = {};
+              for (int c = 0; c < V; ++c) acc += loadv(qf.data() + (h * G + g) * Dc + c * kLanes) * loadv(kr + c * kLanes);
+              top = std::max(top, std::exp(lanes_sum(acc) - ls[b * hq + h * G + g]));
+            }
+            if (per_group) mass[h * width] += top;
+            top_all = std::max(top_all, top);
+          }
+          if (!per_group) mass[0] += top_all;
+        }
+      }
+    });
+  };
+  dispatch_dtype_dim(q.scalar_type(), D, "delta_page_mass", run);
+  TORCH_CHECK(ok.load(), "delta_page_mass: block_table holds a page id outside the KV pool");
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(sparsekv_cpu, m) {
+  m.def("delta_page_mass(Tensor q, Tensor k, Tensor block_table, Tensor seq_lens, Tensor lse, float scale, "
+        "bool per_group) -> Tensor", &delta_page_mass);
   m.def("quest_select(Tensor q, Tensor kmin, Tensor kmax, Tensor block_table, Tensor seq_lens, int page_size, "
         "int ratio, int budget, int recent) -> Tensor[]", &quest_select);
 }

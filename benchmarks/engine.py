@@ -8,7 +8,7 @@ bandwidth, and its FLOPs (2 per weight per row, 4 per head dimension per attende
 throughput of a large matrix product; each measured before and after each row (the higher
 reading, so a neighbour's load never makes the limit look easy). `bound` says which roof it is.
 Prefill: one real prompt through each. Medians of --repeats; writes results/engine.json + .png.
-With --methods each sparse preset's decode step is timed on the same filled cache right after dense's.
+With --methods each sparse preset's decode step is timed on the same sequences, in turn with dense's.
 
     python benchmarks/engine.py [--model PATH] [--contexts 4096,16384] [--batches 1,16] [--methods quest,delta]
 """
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from timing import median_s
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def sparsekv_engine(model: str, dtype: str, batch: int, context: int, steps: int):
+    """An engine with room for batch sequences of context + `steps` tokens and no prefix cache."""
     from sparsekv.cache.kv_cache import KVCache
     from sparsekv.config import EngineConfig
     from sparsekv.engine.llm_engine import LLMEngine
@@ -38,44 +38,59 @@ def sparsekv_engine(model: str, dtype: str, batch: int, context: int, steps: int
     per_page = KVCache.bytes_per_page(cfg["num_hidden_layers"], 16, cfg["num_key_value_heads"],
                                       cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                                       getattr(torch, dtype))
-    pages = batch * (-(-(context + steps * 4 + 16) // 16)) + 8
-    return LLMEngine(EngineConfig(model=model, dtype=dtype, max_model_len=context + steps * 4 + 16,
+    pages = batch * (-(-(context + steps + 16) // 16)) + 8
+    return LLMEngine(EngineConfig(model=model, dtype=dtype, max_model_len=context + steps + 16,
                                   max_num_seqs=batch, kv_cache_memory=pages * per_page, enable_prefix_caching=False))
 
 
 def sparsekv_decode(model: str, dtype: str, batch: int, context: int, steps: int, repeats: int,
-                    method: str = "dense") -> dict:
-    """Seconds per decode step of the engine, batch sequences of `context` cached tokens, each
-    request under the sparsity preset `method`."""
+                    methods: tuple[str, ...] = ("dense",)) -> dict[str, dict]:
+    """Seconds per decode step of the engine, batch sequences of `context` cached tokens, per
+    sparsity preset: the presets take turns on the same sequences (their configs swapped between
+    timed runs), so each repeat times all of them under the same load; `vs_dense` is the median of
+    the per-repeat ratios."""
     from sparsekv.config import preset
     from sparsekv.engine.sampling_params import SamplingParams
     from sparsekv.engine.sequence import Sequence, SequenceStatus
 
-    engine = sparsekv_engine(model, dtype, batch, context, steps)
+    engine = sparsekv_engine(model, dtype, batch, context, steps * (1 + repeats * len(methods)))
     for kv in engine.runner.kv_cache.layers:
         kv.k.normal_(0, 1)
         kv.v.normal_(0, 1)
-    sparsity = engine.config.sparsity if method == "dense" else preset(method)
-    engine.runner.check_sparsity(sparsity)  # side tables (Quest's page bounds) made now, from the filled keys
+    configs = {m: engine.config.sparsity if m == "dense" else preset(m) for m in methods}
+    for sp in configs.values():
+        engine.runner.check_sparsity(sp)  # side tables (Quest's page bounds) made now, from the filled keys
     params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
+    seqs = []
     for i in range(batch):  # as if prefilled: pages allocated, all prompt tokens computed
         ids = torch.randint(100, 1000, (context,), generator=g).tolist()
-        seq = Sequence(str(i), 0, ids, params, sparsity)
+        seq = Sequence(str(i), 0, ids, params, configs[methods[0]])
         assert engine.block_manager.allocate(seq, context)
         seq.num_computed_tokens = context
         seq.token_ids.append(ids[-1])
         seq.status = SequenceStatus.RUNNING
         engine.scheduler.running.append(seq)
         engine.requests[str(i)] = [seq]
+        seqs.append(seq)
 
     def run() -> None:
         for _ in range(steps):
             engine.step()
-    step = median_s(run, repeats) / steps
+    run()  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(repeats):
+        for m in methods:
+            for seq in seqs:
+                seq.sparsity = configs[m]
+            t = time.perf_counter()
+            run()
+            times[m].append((time.perf_counter() - t) / steps)
     del engine
     gc.collect()
-    return {"step_s": step, "tok_s": batch / step}
+    base = times[methods[0]]
+    return {m: {"step_s": statistics.median(t), "tok_s": batch / statistics.median(t),
+                "vs_dense": statistics.median(b / x for b, x in zip(base, t))} for m, t in times.items()}
 
 
 def transformers_decode(model, batch: int, context: int, steps: int, repeats: int, dtype) -> dict:
@@ -198,7 +213,9 @@ def main() -> None:
     for b in [int(x) for x in args.batches.split(",") if x]:
         for ctx in [int(x) for x in args.contexts.split(",")]:
             bandwidth, flops = read_bandwidth(), matmul_flops(args.dtype)  # beside each row: neighbours move them
-            ours = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats)
+            methods = ("dense", *[x for x in args.methods.split(",") if x])
+            timed = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats, methods)
+            ours = timed["dense"]
             theirs = transformers_decode(hf, b, ctx, args.steps, args.repeats, dtype)
             bandwidth = max(bandwidth, read_bandwidth())  # the better reading: the limit is never overstated
             flops = max(flops, matmul_flops(args.dtype))
@@ -211,9 +228,8 @@ def main() -> None:
                    "sparsekv_tok_s": ours["tok_s"],
                    "transformers_tok_s": theirs["tok_s"], "limit_tok_s": b / limit,
                    "sparsekv_vs_limit": ours["step_s"] / limit, "sparsekv_vs_transformers": theirs["step_s"] / ours["step_s"]}
-            for m in [x for x in args.methods.split(",") if x]:  # after dense's, in the same run
-                sparse = sparsekv_decode(args.model, args.dtype, b, ctx, args.steps, args.repeats, m)
-                row.setdefault("methods", {})[m] = {"tok_s": sparse["tok_s"], "vs_dense": ours["step_s"] / sparse["step_s"]}
+            if len(methods) > 1:
+                row["methods"] = {m: {"tok_s": timed[m]["tok_s"], "vs_dense": timed[m]["vs_dense"]} for m in methods[1:]}
             result["rows"].append(row)
             print(json.dumps(row))
             Path(args.output).write_text(json.dumps(result, indent=2))

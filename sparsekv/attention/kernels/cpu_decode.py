@@ -56,10 +56,9 @@ def quest_select_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
     selection pages of `ratio` pool pages each (the last `recent` forced). Returns page lists
     int32 [B, Hkv, budget * ratio] of logical pool pages (-1 past the context) and the tokens
     they hold per sequence, summed over KV heads."""
-    lists, tokens = ops().quest_select(q if q.stride(-1) == 1 else q.contiguous(), kmin, kmax,
-                                       block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
-                                       page_size, ratio, budget, recent)
-    return lists, tokens
+    return tuple(ops().quest_select(q if q.stride(-1) == 1 else q.contiguous(), kmin, kmax,
+                                    block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+                                    page_size, ratio, budget, recent))
 
 
 def delta_page_mass_cpu(q: torch.Tensor, k: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -116,8 +116,10 @@ class SparsityConfig(BaseModel):
             raise ValueError("kv.evict_params given without kv.evict")
         if evict is not None:
             evict.check_budget(self.kv.budget)
-            if self.kv.prune != "none":
-                raise ValueError("kv.evict does not compose with kv.prune yet (compaction moves dense pages)")
+            if self.kv.prune == "mustafar" and not evict.one_shot:
+                raise ValueError(f"kv.evict {self.kv.evict!r} evicts at every step, which would rewrite compressed "
+                                 "records each step: over kv.prune mustafar use a method that evicts once at the "
+                                 "prompt's end (snapkv, pyramidkv, adakv), whose survivors are then compressed")
         return self
 
     def _check_mustafar(self) -> None:

@@ -62,12 +62,16 @@ class CompressedLayerKV(LayerKV):
     layout: MustafarLayout
 
     def compress_pages(self, pages: torch.Tensor, rows: torch.Tensor) -> None:
-        """Prune the staged tokens of `pages` (held in `rows`) into their compressed records, and
-        with Quest's bounds table the element-wise min / max of the pruned keys: the keys attention
-        reads, so the bound holds for them (a dropped channel counts as 0)."""
-        for dense, vals, bits, keep in ((self.k, self.kc, self.kb, self.layout.k_keep),
-                                        (self.v, self.vc, self.vb, self.layout.v_keep)):
-            vals[pages], bits[pages] = compress(dense[rows], keep)
+        """Prune the staged tokens of `pages` (held in `rows`) into their compressed records."""
+        self.store(pages, self.k[rows], self.v[rows])
+
+    def store(self, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prune dense k, v [n, Hkv, ps, D] into the records of `pages`, and with Quest's bounds
+        table the element-wise min / max of the pruned keys: the keys attention reads, so the
+        bound holds for them (a dropped channel counts as 0)."""
+        for dense, vals, bits, keep in ((k, self.kc, self.kb, self.layout.k_keep),
+                                        (v, self.vc, self.vb, self.layout.v_keep)):
+            vals[pages], bits[pages] = compress(dense, keep)
         if "kmin" in self.side:
             keys = decompress(self.kc[pages], self.kb[pages], self.k.shape[-1])  # [n, Hkv, ps, D]
             self.side["kmin"][pages], self.side["kmax"][pages] = keys.amin(2), keys.amax(2)
@@ -156,6 +160,44 @@ class CompressedKVCache(KVCache):
                 self._free_row(p, self._owned.get(s))
             self.rows_dev.copy_(self.rows)
             self._compressing = None
+
+    def flush(self) -> None:
+        """Finish the pending compression (the last layer's, due at the next step's start), so
+        every layer holds [0, compressed_len) compressed and the rest staged."""
+        if self._compressing is not None:
+            self._compress(len(self.layers) - 1)
+
+    def rewrite(self, slot: int, table: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+                n: int) -> None:
+        """Replace the request's tokens by n others per layer (eviction's survivors, dense [Hkv, n, D]
+        each, slot order): the first compressed_len(n) pruned into the records of their pages, the
+        rest staged dense. Rows of pages that stage nothing now go back first (freed before they
+        are leased, so the request never holds more than its dense tail)."""
+        ps = self.page_size
+        cut, end = self.layout.compressed_len(n) // ps, -(-n // ps)
+        owned = self._owned.setdefault(slot, set())
+        for i, p in enumerate(table):
+            if (i < cut or i >= end) and self.rows[p] >= 0:
+                self._free_row(p, owned)
+        for p in table[cut:end]:
+            if self.rows[p] < 0:
+                if not self._free_rows:
+                    raise RuntimeError("the Mustafar staging pool is exhausted")
+                self.rows[p] = self._free_rows.pop()
+                owned.add(p)
+        self.rows_dev.copy_(self.rows)
+        dev = self.rows_dev.device
+        compressed = torch.tensor(table[:cut], dtype=torch.long, device=dev)
+        rows = self.rows_dev[torch.tensor(table[cut:end], dtype=torch.long, device=dev)]
+        for kv, *kept in zip(self.layers, keys, values):
+            hkv, _, d = kept[0].shape
+            pages = [torch.nn.functional.pad(x, (0, 0, 0, end * ps - n)).view(hkv, end, ps, d).transpose(0, 1)
+                     for x in kept]  # [end, Hkv, ps, D], the last page zero-padded
+            if cut:
+                kv.store(compressed, pages[0][:cut], pages[1][:cut])
+            kv.k[rows], kv.v[rows] = pages[0][cut:], pages[1][cut:]
+        last = (n - 1) // ps
+        self.fill[table[last]] = n - last * ps
 
     def begin_step(self, idx: WriteIndex) -> None:
         super().begin_step(idx)

@@ -226,7 +226,8 @@ class ModelRunner:
                 evicting.append(EvictEntry(seq, seq.slot, slice(len(ids), len(ids) + n), kv_len, seq.block_table,
                                            seq.num_prompt_tokens, start + n, evict,
                                            evict.capacity(seq.sparsity.kv.budget, seq.num_prompt_tokens),
-                                           backend_class(seq.sparsity.decode.method, self.device.type).row_lens))
+                                           self.layout is None  # Mustafar's decode reads whole rows
+                                           and backend_class(seq.sparsity.decode.method, self.device.type).row_lens))
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
         meta = AttnMetadata.build(reqs, self.page_size, self.device)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsekv.attention.mustafar import materialise, request_kv
+from sparsekv.cache.compressed import CompressedKVCache
 from sparsekv.cache.kv_cache import KVCache, WriteIndex
 
 
@@ -85,3 +87,25 @@ def compact(cache: KVCache, block_table: list[int], keep: torch.Tensor, n: int,
     last = (n - 1) // ps
     cache.fill[table[last]] = n - last * ps
     return int(touched.min())
+
+
+def compact_compressed(cache: CompressedKVCache, slot: int, block_table: list[int], keep: torch.Tensor, n: int,
+                       state: tuple[torch.Tensor, ...] = ()) -> int:
+    """Eviction over a Mustafar cache (once, at the prompt's end): every row's n kept tokens, read
+    as attention reads them (pruned where compressed), are written back in slot order into the
+    first n slots, the old ones pruned and compressed, the newest staged dense, as the layout
+    puts them for n tokens (CompressedKVCache.rewrite). Rewrites from page 0: returns 0."""
+    cache.flush()
+    kv_len = keep.shape[-1]
+    table = torch.tensor(block_table, dtype=torch.long, device=cache.rows_dev.device)
+    order = keep.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :n]  # [L, H, n] kept slots
+    for t in state:
+        t[..., :n] = t[..., :kv_len].gather(-1, order.to(t.device))
+    keys, values = [], []
+    for i, kv in enumerate(cache.layers):
+        k, v = materialise(request_kv(kv, table, kv_len, cache.layout.compressed_len(kv_len)))
+        idx = order[i].to(k.device).unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        keys.append(k.gather(1, idx))
+        values.append(v.gather(1, idx))
+    cache.rewrite(slot, block_table, keys, values, n)
+    return 0

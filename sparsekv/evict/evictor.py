@@ -21,9 +21,11 @@ from typing import Any, Callable
 
 import torch
 
+from sparsekv.attention.mustafar import materialise, request_kv
 from sparsekv.attention.paged import gather_kv
+from sparsekv.cache.compressed import CompressedKVCache, CompressedLayerKV
 from sparsekv.cache.kv_cache import KVCache, LayerKV
-from sparsekv.evict.compact import compact, copy_pages, targets
+from sparsekv.evict.compact import compact, compact_compressed, copy_pages, targets
 from sparsekv.evict.params import EvictParams, H2OParams, StreamingLLMParams
 from sparsekv.evict.scores import attention_mass, reduce_heads, window_scores
 
@@ -101,7 +103,7 @@ class Evictor:
         for e in self.entries:
             st = self.states[e.slot]
             if isinstance(e.params, H2OParams):
-                k = gather_kv(kv, torch.tensor(e.block_table), e.kv_len)[0]
+                k = _keys(kv, e)
                 mass = attention_mass(q[e.rows], k, self.scale, e.first_row_kv)
                 st.score[layer, :, :e.kv_len] += reduce_heads(mass, self.num_kv_heads, "sum")
             elif e.params.one_shot and not st.done:
@@ -110,7 +112,7 @@ class Evictor:
                 if rows.shape[0]:
                     st.window_q[layer].append(rows.clone())
                 if e.prompt_done:
-                    k = gather_kv(kv, torch.tensor(e.block_table), e.kv_len)[0]
+                    k = _keys(kv, e)
                     qw = torch.cat(st.window_q[layer])
                     st.score[layer, :, :e.kv_len] = window_scores(qw, k, self.scale, e.params)
                     st.window_q[layer] = []
@@ -142,9 +144,12 @@ class Evictor:
                 if picked is None:
                     continue
             keep, n, starts = picked
-            copy_pages(cache, swaps or [])
             st.known = n
-            first = compact(cache, e.block_table, keep, n, (st.pos, st.score), starts)
+            if isinstance(cache, CompressedKVCache):  # no prefix cache over it: nothing is shared
+                first = compact_compressed(cache, e.slot, e.block_table, keep, n, (st.pos, st.score))
+            else:
+                copy_pages(cache, swaps or [])
+                first = compact(cache, e.block_table, keep, n, (st.pos, st.score), starts)
             if starts is not None:  # slots below a row's start hold no token of it
                 dead = torch.arange(n, device=self.device) < starts.unsqueeze(-1)
                 st.pos[..., :n].masked_fill_(dead, -1)
@@ -195,6 +200,15 @@ class Evictor:
     def free(self, slots: list[int]) -> None:
         for s in slots:
             self.states.pop(s, None)
+
+
+def _keys(kv: LayerKV, e: EvictEntry) -> torch.Tensor:
+    """The request's keys [Hkv, kv_len, D] as this step's attention read them: over a Mustafar
+    cache pruned where compressed before the step (this step's are compressed after it)."""
+    table = torch.tensor(e.block_table)
+    if isinstance(kv, CompressedLayerKV):
+        return materialise(request_kv(kv, table, e.kv_len, kv.layout.compressed_len(e.first_row_kv)))[0]
+    return gather_kv(kv, table, e.kv_len)[0]
 
 
 def written_pages(keep: torch.Tensor, n: int, starts: torch.Tensor | None, page_size: int,

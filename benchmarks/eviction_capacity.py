@@ -21,6 +21,8 @@ the .png at the end (`--plot-only` redraws it from the JSON).
         --budget 64 --kv-cache-memory 8000000 --contexts 512 --decode-budgets 64 --name eviction-tiny
     python benchmarks/eviction_capacity.py --skip-capacity --contexts 16384,32768,65536 \\
         --decode-budgets 1024,2048 --name eviction-decode          # decode step time only
+    python benchmarks/eviction_capacity.py --methods dense,dense+mustafar,snapkv,snapkv+mustafar \\
+        --contexts ""                                              # eviction over Mustafar's cache
 """
 from __future__ import annotations
 
@@ -40,7 +42,11 @@ METHODS = "dense,streamingllm,h2o,snapkv,pyramidkv,adakv"
 
 
 def sparsity(method: str, budget: int) -> dict:
-    return {} if method == "dense" else {"kv": {"evict": method, "budget": budget}}
+    """A row's method: dense or an eviction method, either with "+mustafar" for Mustafar's
+    compressed cache under it (capacity rows only)."""
+    base, _, prune = method.partition("+")
+    kv = ({} if base == "dense" else {"evict": base, "budget": budget}) | ({"prune": prune} if prune else {})
+    return {"kv": kv} if kv else {}
 
 
 def engine_for(args, method: str, budget: int, max_len: int, kv_bytes: int, max_seqs: int):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from sparsekv.attention.kernels.cpu_build import available, ops
-from sparsekv.attention.kernels.cpu_decode import supports
+from sparsekv.attention.kernels.cpu_decode import int32, supports, unit_rows
 
 __all__ = ["available", "supports", "compressed_decode_cpu"]
 
@@ -23,7 +23,6 @@ def compressed_decode_cpu(q: torch.Tensor, kc: torch.Tensor, kb: torch.Tensor, v
     compressed pages padded with -1 (may be expanded over Hkv) restricts each KV head to its pages.
     Returns normalised out [B, Hq, D] in q's dtype and lse float32 [B, Hq] (-inf: nothing)."""
     w_out, w_lse = window if window is not None else (None, None)
-    return ops().compressed_decode(q if q.stride(-1) == 1 else q.contiguous(), kc, kb, vc, vb,
-                                   block_table.to(torch.int32).contiguous(), num_compressed.to(torch.int32).contiguous(),
+    return ops().compressed_decode(unit_rows(q), kc, kb, vc, vb, int32(block_table), int32(num_compressed),
                                    float(scale), w_out, None if w_lse is None else w_lse.contiguous(),
                                    None if page_lists is None else page_lists.to(torch.int32))

@@ -11,6 +11,16 @@ HEAD_DIMS = (32, 64, 128)  # head dims the kernel is compiled for
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride over its last dim, as the compiled ops read queries (a copy only if not)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def int32(x: torch.Tensor) -> torch.Tensor:
+    """A table (block table, lengths) as the compiled ops take it: contiguous int32."""
+    return x.to(torch.int32).contiguous()
+
+
 def supports(q: torch.Tensor) -> bool:
     """Whether the kernel covers q's device, dtype and head dim (callers check before calling)."""
     return q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
@@ -34,17 +44,10 @@ def paged_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
     lib = ops()
     if lib is None:
         raise RuntimeError("the CPU decode kernel is not built here; check available() first")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    block_table = block_table.to(torch.int32)
-    if block_table.stride(-1) != 1:
-        block_table = block_table.contiguous()
-    seq_lens = seq_lens.to(torch.int32).contiguous()
     if page_lists is not None:
         page_lists = page_lists.to(torch.int32)
-    if row_lens is not None:
-        row_lens = row_lens.to(torch.int32).contiguous()
-    out, lse = lib.paged_decode(q, k, v, block_table, seq_lens, page_lists, row_lens, float(scale), return_lse)
+    out, lse = lib.paged_decode(unit_rows(q), k, v, int32(block_table), int32(seq_lens), page_lists,
+                                None if row_lens is None else int32(row_lens), float(scale), return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -56,8 +59,7 @@ def quest_select_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
     selection pages of `ratio` pool pages each (the last `recent` forced). Returns page lists
     int32 [B, Hkv, budget * ratio] of logical pool pages (-1 past the context) and the tokens
     they hold per sequence, summed over KV heads."""
-    return tuple(ops().quest_select(q if q.stride(-1) == 1 else q.contiguous(), kmin, kmax,
-                                    block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+    return tuple(ops().quest_select(unit_rows(q), kmin, kmax, int32(block_table), int32(seq_lens),
                                     page_size, ratio, budget, recent))
 
 
@@ -67,6 +69,5 @@ def delta_page_mass_cpu(q: torch.Tensor, k: torch.Tensor, block_table: torch.Ten
     of the largest softmax probability over the query heads (per KV group with per_group), from
     q [B, Hq, D], the key pool [num_pages, Hkv, ps, D] and the decode's lse float32 [B, Hq].
     Returns float32 [B, Hkv or 1, max_pages], 0 past a sequence's pages."""
-    return ops().delta_page_mass(q if q.stride(-1) == 1 else q.contiguous(), k,
-                                 block_table.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
-                                 lse.float().contiguous(), float(scale), per_group)
+    return ops().delta_page_mass(unit_rows(q), k, int32(block_table), int32(seq_lens), lse.float().contiguous(),
+                                 float(scale), per_group)

@@ -4,11 +4,11 @@
 // lm_head at 0.6-0.8 on a Xeon), benchmarks/small_gemm.py.
 // Here each thread streams its own contiguous run of weight rows once: a tile of NB rows meets
 // MB input rows in MB * NB vector accumulators, shuffle trees of kLanes turn them into dot
-// products, and the tile's rows stay in L1 while the other input rows pass over them. One or two
-// rows: kLanes accumulators (8 ymm on AVX2, 16 zmm on AVX-512). Three or more: 2 x (3/4 kLanes),
-// three quarters of the register file, where 4 x (kLanes / 4) left the FMA latency exposed and
-// read each input row for fewer weight rows (AVX2, paired with it: 1.16-1.35x at 4 rows,
-// 1.10-1.33x at 16).
+// products, and the tile's rows stay in L1 while the other input rows pass over them. One row:
+// kLanes accumulators (8 ymm on AVX2, 16 zmm on AVX-512). Two or more: 2 x (3/4 kLanes), three
+// quarters of the register file, where 4 x (kLanes / 4) and 2 x (kLanes / 2) left the FMA latency
+// exposed and read each input row for fewer weight rows (AVX2, paired: 1.12-1.19x at 2 rows,
+// 1.16-1.35x at 4, 1.10-1.33x at 16).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -105,8 +105,6 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
     T* op = out.data_ptr<T>();
     if (M == 1) {
       gemm<T, 1, kLanes>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
-    } else if (M == 2) {
-      gemm<T, 2, kLanes / 2>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
     } else {
       gemm<T, 2, 3 * kLanes / 4>(xp, x.stride(0), wp, K, b, op, N, M, N, K);
     }
